@@ -1,0 +1,1 @@
+"""The loom controller: configuration sources -> translation -> delta xDS to node proxies, and the CA."""

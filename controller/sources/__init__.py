@@ -1,0 +1,1 @@
+"""Configuration sources behind one interface (see `base.ConfigSource`)."""

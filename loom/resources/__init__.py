@@ -1,0 +1,1 @@
+"""Kubernetes-format configuration: the typed model (`model`) and the validating YAML loader (`loader`)."""
