@@ -92,8 +92,8 @@ class Service(_message.Message):
     subject_alt_names: _containers.RepeatedScalarFieldContainer[str]
     waypoint: GatewayAddress
     load_balancing: LoadBalancing
-    ip_families: _containers.RepeatedScalarFieldContainer[IPFamilies]
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., hostname: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[NetworkAddress, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., subject_alt_names: _Optional[_Iterable[str]] = ..., waypoint: _Optional[_Union[GatewayAddress, _Mapping]] = ..., load_balancing: _Optional[_Union[LoadBalancing, _Mapping]] = ..., ip_families: _Optional[_Iterable[_Union[IPFamilies, str]]] = ...) -> None: ...
+    ip_families: IPFamilies
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., hostname: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[NetworkAddress, _Mapping]]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., subject_alt_names: _Optional[_Iterable[str]] = ..., waypoint: _Optional[_Union[GatewayAddress, _Mapping]] = ..., load_balancing: _Optional[_Union[LoadBalancing, _Mapping]] = ..., ip_families: _Optional[_Union[IPFamilies, str]] = ...) -> None: ...
 
 class LoadBalancing(_message.Message):
     __slots__ = ("routing_preference", "mode", "health_policy")

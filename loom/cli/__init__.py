@@ -1,0 +1,1 @@
+"""loomctl, the user's command line."""
