@@ -274,7 +274,8 @@ def parse_api_object(
     try:
         return parse_object(normalise_api_object(resource, raw), ORIGIN), ()
     except ObjectInvalid as invalid:
-        return None, tuple(
+        # A rejected AuthorizationPolicy still counts, as a fail-closed stand-in (see the loader).
+        return invalid.stand_in, tuple(
             Diagnostic(Severity.ERROR, e.message, ORIGIN, key, e.field) for e in invalid.errors
         )
     except UnsupportedKind as skipped:  # e.g. an API version the loader does not read

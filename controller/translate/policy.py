@@ -342,6 +342,18 @@ def translate_policy(policy: AuthorizationPolicy, root_namespace: str) -> Policy
         scope=_scope(policy, root_namespace),
         dry_run=policy.dry_run,
     )
+    if policy.invalid:
+        diagnostics.append(
+            _warning(
+                policy,
+                "",
+                "this policy is invalid (see its errors); until it is fixed loom enforces it at L4 as a "
+                "DENY of every connection in its scope (fail closed)",
+            )
+        )
+        resource.action = authorization_pb2.DENY
+        resource.groups.add()  # a group with no clauses matches everything
+        return PolicyTranslation(key, resource, selector, tuple(diagnostics))
     if action == "AUDIT":
         diagnostics.append(
             _warning(

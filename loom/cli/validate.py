@@ -8,6 +8,7 @@ expect: e.g. an L7 rule loom enforces fail-closed at L4). Exit status 1 when the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,7 +35,10 @@ def validate(paths: list[Path], mesh: MeshConfig) -> list[Diagnostic]:
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(", ".join(str(p) for p in missing))
-    loaded = load_paths(paths)
+    # Name files relative to what the user pointed at: `-f config/` reports `policy.yaml doc 2 ...`.
+    dirs = [p.resolve() if p.is_dir() else p.resolve().parent for p in paths]
+    root = Path(os.path.commonpath(dirs))
+    loaded = load_paths(paths, root=root)
     translated = translate(loaded.snapshot, mesh)
     return [*loaded.diagnostics, *translated.diagnostics]
 

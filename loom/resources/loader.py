@@ -35,6 +35,7 @@ from typing import Any
 from loom.resources.diagnostics import Diagnostic, Severity
 from loom.resources.model import (
     KINDS,
+    AuthorizationPolicy,
     ConfigSnapshot,
     Deployment,
     ObjectMeta,
@@ -132,7 +133,8 @@ _COMMON_FIELDS = frozenset({"apiVersion", "kind", "metadata", "status"})
 
 @dataclass(frozen=True, slots=True)
 class ObjectCheck:
-    """The outcome of reading one object: the object (None when rejected or skipped) and its problems."""
+    """The outcome of reading one object and its problems. `obj` is None when the object was skipped or
+    rejected, except for a rejected object that stands in fail-closed (see `fail_closed_stand_in`)."""
 
     obj: Resource | None
     key: ResourceKey | None  # known when the kind and name could be read
@@ -210,8 +212,31 @@ def check_object(doc: object, origin: Origin | None = None, *, field_prefix: str
     key = ResourceKey(kind, meta.namespace, meta.name) if named else None
     obj = spec.parse(p, doc, meta, origin)
     if p.errors:
-        return ObjectCheck(None, key, tuple(p.errors), tuple(p.warnings))
+        stand_in = fail_closed_stand_in(obj, p.errors) if key is not None else None
+        return ObjectCheck(stand_in, key, tuple(p.errors), tuple(p.warnings))
     return ObjectCheck(obj, key, (), tuple(p.warnings))
+
+
+def fail_closed_stand_in(obj: Resource, errors: Sequence[ValidationError]) -> Resource | None:
+    """What replaces a rejected object whose absence would weaken security, or None.
+
+    An invalid AuthorizationPolicy becomes a DENY of everything in its scope. The scope is widened
+    when the part that defines it could not be read: a bad selector means the whole namespace, and
+    bad targetRefs mean no targetRefs (the node proxies enforce it)."""
+    if not isinstance(obj, AuthorizationPolicy):
+        return None
+    fields = [e.field for e in errors]
+    selector_bad = any(f.startswith("spec.selector") for f in fields)
+    targets_bad = any(f.startswith(("spec.targetRef", "spec.targetRefs")) for f in fields)
+    return replace(
+        obj,
+        invalid=True,
+        action="DENY",
+        rules=None,
+        provider="",
+        selector=None if selector_bad else obj.selector,
+        target_refs=() if targets_bad or selector_bad else obj.target_refs,
+    )
 
 
 def parse_object(doc: Mapping[str, Any], origin: Origin | None = None) -> Resource:
@@ -221,7 +246,7 @@ def parse_object(doc: Mapping[str, Any], origin: Origin | None = None) -> Resour
     the kind/API version. Warnings are dropped; use `check_object` to see them."""
     check = check_object(doc, origin)
     if check.errors:
-        raise ObjectInvalid(check.errors, check.key)
+        raise ObjectInvalid(check.errors, check.key, stand_in=check.obj)
     if check.unsupported is not None:
         raise check.unsupported
     assert check.obj is not None  # no errors and not skipped means parsed

@@ -273,6 +273,10 @@ class AuthorizationPolicy(Resource):
     # None = spec.rules absent; () = "rules: []" (ALLOW with no rules matches nothing: deny all).
     rules: tuple[PolicyRule, ...] | None = None
     provider: str = ""  # spec.provider.name for CUSTOM
+    # The manifest failed validation. Dropping it could silently remove a DENY (or turn "allow only X"
+    # into "allow all"), so it stands in as a DENY of every connection in its best-known scope until
+    # it is fixed; selector/targetRefs keep only what could be read without error.
+    invalid: bool = False
 
     @property
     def dry_run(self) -> bool:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
-from loom.resources.model import LabelSelector, ObjectMeta, ResourceKey
+from loom.resources.model import LabelSelector, ObjectMeta, Resource, ResourceKey
 
 
 class ValidationError(Exception):
@@ -39,13 +39,21 @@ class ValidationError(Exception):
 class ObjectInvalid(ValidationError):
     """Every problem found in one object; `field`/`message` are those of the first problem."""
 
-    def __init__(self, errors: Sequence[ValidationError], key: ResourceKey | None = None) -> None:
+    def __init__(
+        self,
+        errors: Sequence[ValidationError],
+        key: ResourceKey | None = None,
+        stand_in: Resource | None = None,
+    ) -> None:
         if not errors:
             raise ValueError("ObjectInvalid needs at least one error")
         super().__init__(errors[0].field, errors[0].message)
         self.args = ("; ".join(str(e) for e in errors),)
         self.errors = list(errors)
         self.key = key  # the object's key, when its kind and name could be read
+        # What to use in place of the rejected object when dropping it would weaken security
+        # (an invalid AuthorizationPolicy: see AuthorizationPolicy.invalid); None for other kinds.
+        self.stand_in = stand_in
 
 
 class UnsupportedKind(ValidationError):

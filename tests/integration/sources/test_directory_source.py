@@ -160,7 +160,8 @@ async def test_invalid_object_in_an_edited_file(tmp_path: Path) -> None:
         snapshot, diagnostics = await recorder.wait_for(lambda s, d: bool(d))
     first = snapshot.get_obj(AuthorizationPolicy, "a", "first")
     assert first is not None and first.action == "DENY"  # the valid part of the file applies
-    assert ResourceKey("AuthorizationPolicy", "a", "second") not in snapshot
+    second = snapshot.get_obj(AuthorizationPolicy, "a", "second")
+    assert second is not None and second.invalid  # the invalid one stands in as a deny-all
     assert diagnostics and all(d.is_error for d in diagnostics)
     assert any(
         d.origin is not None and (d.origin.source, d.origin.document) == (str(path), 2) for d in diagnostics

@@ -18,7 +18,7 @@ from controller.sources.kubernetes import (
     KubernetesUnreachable,
 )
 from loom.resources.diagnostics import Diagnostic, Severity
-from loom.resources.model import ConfigSnapshot, Gateway, Pod, ResourceKey
+from loom.resources.model import AuthorizationPolicy, ConfigSnapshot, Gateway, Pod, ResourceKey
 from loom.testing import FakeApiServer, FakeToken, RecordedRequest
 from loom.testing import manifests as m
 from loom.testing.waiting import eventually
@@ -335,13 +335,16 @@ async def test_invalid_object_is_a_diagnostic_and_the_rest_still_works(
     async with running(source, recorder):
         snapshot, diagnostics = await recorder.wait_for(lambda s, d: True)
         assert ResourceKey("AuthorizationPolicy", "default", "good") in snapshot
-        assert bad not in snapshot
+        stand_in = snapshot[bad]  # the invalid policy stands in as a deny-all (fail closed)
+        assert isinstance(stand_in, AuthorizationPolicy) and stand_in.invalid
         assert diagnostics and all(d.is_error and d.key == bad for d in diagnostics)
         assert any("spec.action" in d.field for d in diagnostics)
         assert str(diagnostics[0]).startswith("kubernetes AuthorizationPolicy default/bad")
 
         api.update(m.authorization_policy("default", "bad", action="DENY"))
-        snapshot, diagnostics = await recorder.wait_for(lambda s, d: bad in s)
+        snapshot, diagnostics = await recorder.wait_for(
+            lambda s, d: bad in s and not getattr(s[bad], "invalid", True)
+        )
     assert diagnostics == ()
 
 

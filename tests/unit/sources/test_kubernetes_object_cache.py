@@ -20,7 +20,7 @@ from controller.sources.kubernetes import (
     ObjectCache,
     normalise_api_object,
 )
-from loom.resources.model import ResourceKey
+from loom.resources.model import AuthorizationPolicy, ResourceKey
 from loom.testing import manifests as m
 
 
@@ -84,7 +84,8 @@ def test_invalid_object_becomes_diagnostics_until_fixed_or_deleted() -> None:
     assert cache.upsert(
         AUTHORIZATION_POLICIES, stored(m.authorization_policy("default", "p", action="PERMIT"), 3)
     )
-    assert key not in cache.objects
+    stand_in = cache.objects[key]  # an invalid policy stands in as a deny-all (fail closed)
+    assert isinstance(stand_in, AuthorizationPolicy) and stand_in.invalid and stand_in.action == "DENY"
     (diagnostic, *_) = cache.object_diagnostics[key]
     assert diagnostic.is_error and diagnostic.key == key and str(diagnostic.origin) == "kubernetes"
     # A valid version replaces the diagnostics with the object ...
@@ -92,9 +93,10 @@ def test_invalid_object_becomes_diagnostics_until_fixed_or_deleted() -> None:
     assert key in cache.objects and key not in cache.object_diagnostics
     # ... and deleting an invalid object removes its diagnostics.
     cache.upsert(AUTHORIZATION_POLICIES, stored(m.authorization_policy("default", "p", action="PERMIT"), 5))
-    assert key not in cache.objects
+    assert getattr(cache.objects[key], "invalid", False)
     assert cache.remove(AUTHORIZATION_POLICIES, "default", "p") is True
     assert cache.object_diagnostics == {}
+    assert key not in cache.objects
 
 
 def test_object_without_a_name_is_ignored() -> None:
