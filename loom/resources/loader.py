@@ -211,6 +211,8 @@ def check_object(doc: object, origin: Origin | None = None, *, field_prefix: str
     meta, named = read_metadata(p, doc, namespaced=spec.namespaced, name_rule=spec.name_rule)
     key = ResourceKey(kind, meta.namespace, meta.name) if named else None
     obj = spec.parse(p, doc, meta, origin)
+    if not obj.KEEP_RAW:
+        obj = replace(obj, raw={})
     if p.errors:
         stand_in = fail_closed_stand_in(obj, p.errors) if key is not None else None
         return ObjectCheck(stand_in, key, tuple(p.errors), tuple(p.warnings))

@@ -74,13 +74,17 @@ class Resource:
 
     KIND: ClassVar[str] = ""
     API_GROUP: ClassVar[str] = ""  # "" for the core group
+    # Whether `raw` keeps the manifest. Only kinds whose status loom writes need it; dropping it for
+    # pods, services and namespaces halves the controller's memory per workload.
+    KEEP_RAW: ClassVar[bool] = False
     meta: ObjectMeta
     origin: Origin | None = field(default=None, compare=False)
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # see KEEP_RAW
+    # Computed once: keys are looked up for every object on every snapshot merge and diff.
+    key: ResourceKey = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> ResourceKey:
-        return ResourceKey(self.KIND, self.meta.namespace, self.meta.name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", ResourceKey(self.KIND, self.meta.namespace, self.meta.name))
 
     @property
     def name(self) -> str:
@@ -169,6 +173,7 @@ class LabelSelector:
 @dataclass(frozen=True, slots=True)
 class Deployment(Resource):
     KIND: ClassVar[str] = "Deployment"
+    KEEP_RAW: ClassVar[bool] = True  # few objects; the lab runs what the template declares
     API_GROUP: ClassVar[str] = "apps"
     replicas: int = 1
     selector: LabelSelector = field(default_factory=LabelSelector)
@@ -266,6 +271,7 @@ class PolicyRule:
 @dataclass(frozen=True, slots=True)
 class AuthorizationPolicy(Resource):
     KIND: ClassVar[str] = "AuthorizationPolicy"
+    KEEP_RAW: ClassVar[bool] = True
     API_GROUP: ClassVar[str] = "security.istio.io"
     selector: LabelSelector | None = None  # spec.selector (matchLabels); None = namespace/global scope
     target_refs: tuple[PolicyTargetRef, ...] = ()  # spec.targetRef + spec.targetRefs
@@ -286,6 +292,7 @@ class AuthorizationPolicy(Resource):
 @dataclass(frozen=True, slots=True)
 class PeerAuthentication(Resource):
     KIND: ClassVar[str] = "PeerAuthentication"
+    KEEP_RAW: ClassVar[bool] = True
     API_GROUP: ClassVar[str] = "security.istio.io"
     selector: LabelSelector | None = None
     mode: str = "UNSET"  # UNSET | PERMISSIVE | STRICT | DISABLE
@@ -306,6 +313,7 @@ class GatewayListener:
 @dataclass(frozen=True, slots=True)
 class Gateway(Resource):
     KIND: ClassVar[str] = "Gateway"
+    KEEP_RAW: ClassVar[bool] = True
     API_GROUP: ClassVar[str] = "gateway.networking.k8s.io"
     gateway_class: str = ""
     listeners: tuple[GatewayListener, ...] = ()
@@ -389,6 +397,7 @@ class HTTPRouteRule:
 @dataclass(frozen=True, slots=True)
 class HTTPRoute(Resource):
     KIND: ClassVar[str] = "HTTPRoute"
+    KEEP_RAW: ClassVar[bool] = True
     API_GROUP: ClassVar[str] = "gateway.networking.k8s.io"
     parent_refs: tuple[ParentRef, ...] = ()
     hostnames: tuple[str, ...] = ()
@@ -464,12 +473,19 @@ class ConfigSnapshot(Mapping[ResourceKey, Resource]):
 
     def changed_keys(self, other: ConfigSnapshot) -> set[ResourceKey]:
         """Keys added, removed or changed (by value) between self and other."""
-        keys = set(self._objects) ^ set(other._objects)
         mine, theirs = self._objects, other._objects
-        for key in mine.keys() & theirs.keys():
+        keys: set[ResourceKey] = set()
+        found = 0
+        for key, a in mine.items():
+            b = theirs.get(key)
+            if b is None:
+                keys.add(key)
+                continue
+            found += 1
             # Snapshots share unchanged objects, so the identity test settles most keys without a
-            # field-by-field comparison (3x faster on 10,000 pods).
-            a, b = mine[key], theirs[key]
+            # field-by-field comparison.
             if a is not b and a != b:
                 keys.add(key)
+        if found != len(theirs):
+            keys.update(theirs.keys() - mine.keys())
         return keys

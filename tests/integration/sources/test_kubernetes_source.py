@@ -356,10 +356,8 @@ async def test_objects_reach_the_parser_in_api_form(api: FakeApiServer, source: 
     recorder = Recorder()
     async with running(source, recorder):
         snapshot, _ = await recorder.wait_for(lambda s, d: pod_key("typed") in s)
-    raw = snapshot[pod_key("typed")].raw
-    assert raw["kind"] == "Pod" and raw["apiVersion"] == "v1"
-    assert "managedFields" not in raw["metadata"]
-    assert raw["spec"]["serviceAccountName"] == "default"
+    pod = snapshot[pod_key("typed")]  # parsed at all: kind/apiVersion were filled in for the loader
+    assert isinstance(pod, Pod) and pod.spec.service_account == "default"
 
 
 async def test_paginated_list(api: FakeApiServer) -> None:

@@ -556,7 +556,8 @@ def test_pod_from_the_kubernetes_api() -> None:
     assert pod.owner_deployment == "reviews-v2"
     assert pod.spec.node_name == "worker-1"
     assert pod.spec.service_account == "bookinfo-reviews"
-    assert pod.origin == origin and pod.raw is API_POD
+    assert pod.origin == origin
+    assert pod.raw == {}  # pods do not keep their manifest (Resource.KEEP_RAW): memory per workload
 
 
 @pytest.mark.parametrize(
@@ -675,7 +676,8 @@ def test_parse_object_unsupported_kind() -> None:
 def test_parse_object_keeps_raw_and_origin() -> None:
     doc = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x", "namespace": "ignored"}}
     check = check_object(doc, Origin("f.yaml", 3))
-    assert check.obj is not None and check.obj.raw is doc and check.obj.origin == Origin("f.yaml", 3)
+    assert check.obj is not None and check.obj.origin == Origin("f.yaml", 3)
+    assert check.obj.raw == {}  # namespaces do not keep their manifest; policies do (below)
     assert check.obj.namespace == ""
     assert [(w.field, w.message) for w in check.warnings] == [
         ("metadata.namespace", "ignored: this kind is cluster-scoped")
@@ -819,3 +821,14 @@ def test_pod_manifest_shape() -> None:
         owner["kind"] == "ReplicaSet"
         and owner["name"] == f"details-v1-{pod.meta.labels['pod-template-hash']}"
     )
+
+
+def test_kinds_with_status_writes_keep_their_manifest() -> None:
+    doc = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": {},
+    }
+    check = check_object(doc, Origin("f.yaml", 1))
+    assert check.obj is not None and check.obj.raw is doc
