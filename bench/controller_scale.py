@@ -129,12 +129,16 @@ def pods_file(directory: Path, index: int) -> Path:
     return directory / "pods" / f"pods-{index // PODS_PER_FILE:04d}.yaml"
 
 
-def write_pod_file(directory: Path, first: int, args: argparse.Namespace, revisions: dict[int, str]) -> None:
+def render_pod_file(first: int, args: argparse.Namespace, revisions: dict[int, str]) -> str:
     last = min(first + PODS_PER_FILE, args.workloads)
     docs = [pod_manifest(i, args.nodes, args.services, revisions.get(i, "v1")) for i in range(first, last)]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def write_pod_file(directory: Path, first: int, text: str) -> None:
     path = pods_file(directory, first)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    tmp.write_text(text)
     tmp.rename(path)  # atomic, as editors and config-map updates do
 
 
@@ -154,7 +158,7 @@ def write_mesh(directory: Path, args: argparse.Namespace) -> None:
     policies = [policy_manifest(i, args.services) for i in range(args.policies)]
     (directory / "policies.yaml").write_text(yaml.safe_dump_all(policies))
     for first in range(0, args.workloads, PODS_PER_FILE):
-        write_pod_file(directory, first, args, {})
+        write_pod_file(directory, first, render_pod_file(first, args, {}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,8 +413,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 revisions[pod] = f"r{change}"
                 name = workload_name(pod)
                 before = {s.held[ADDRESS].get(name) for s in subs}
+                first = pod - pod % PODS_PER_FILE
+                text = render_pod_file(
+                    first, args, revisions
+                )  # before the clock starts: not the controller's work
                 start = time.monotonic()
-                write_pod_file(config, pod - pod % PODS_PER_FILE, args, revisions)
+                write_pod_file(config, first, text)
                 await wait_until(
                     lambda n=name, b=before: all(s.held[ADDRESS].get(n) not in b for s in subs), subs, 30
                 )
