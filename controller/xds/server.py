@@ -281,6 +281,11 @@ class XdsServer:
             await context.abort(refused.code, refused.message)
             return
 
+        # Nothing is served before the first configuration is committed: generation 0 is empty, and a
+        # node proxy that reconnects to a restarting controller would read it as "remove everything"
+        # (its pods would then be treated as out of the mesh). The stream waits; its requests queue.
+        if self._current.number < 1:
+            await self.wait_for_generation(1)
         current = self._current
         subscriber = _Subscriber(
             identity=identity,

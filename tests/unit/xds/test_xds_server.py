@@ -93,9 +93,7 @@ def policies(version: int, names: tuple[str, ...] = ("ns/a",)) -> Translation:
 
 
 def version_of(name: str, version: int) -> str:
-    return version_resource(
-        AUTHZ, authorization_pb2.Authorization(name=name, namespace=f"v{version}")
-    ).version
+    return version_resource(authorization_pb2.Authorization(name=name, namespace=f"v{version}")).version
 
 
 @pytest.fixture
@@ -175,6 +173,29 @@ async def test_slow_subscriber_does_not_delay_others_and_catches_up_coalesced(
         for stream in (fast, slow):
             stream.requests.put_nowait(None)
             await asyncio.wait_for(stream.task, 5)
+
+
+async def test_streams_wait_for_the_first_configuration(credentials: LabNodeAuthenticator) -> None:
+    """Before the first translation the served state is empty; answering then would tell a reconnecting
+    node proxy to remove everything it holds. The stream must wait and then get the real state."""
+    server = XdsServer(credentials, ControllerMetrics(), debounce=0.001, max_delay=0.005)
+    await server.start()
+    stream = Stream(server, credentials.issue_node_token("node-a"), "node-a")
+    try:
+        request = discovery_pb2.DeltaDiscoveryRequest(type_url=AUTHZ)
+        request.node.id = "node-a"
+        request.initial_resource_versions["ns/a"] = version_of("ns/a", 0)  # what it held before
+        stream.requests.put_nowait(request)
+        await asyncio.sleep(0.1)
+        assert stream.context.written == []  # nothing, in particular no removal of ns/a
+        server.publish(policies(1))
+        response = await stream.context.next_write()
+        assert list(response.removed_resources) == []
+        assert {r.name: r.version for r in response.resources} == {"ns/a": version_of("ns/a", 1)}
+    finally:
+        await server.close()
+        stream.requests.put_nowait(None)
+        await asyncio.wait_for(stream.task, 5)
 
 
 async def test_close_ends_every_stream_normally(credentials: LabNodeAuthenticator) -> None:
