@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 SPIFFE_SCHEME = "spiffe://"
 
@@ -33,3 +34,28 @@ class Identity:
         if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa" or not all(parts[i] for i in (0, 2, 4)):
             raise IdentityError(f"{uri!r}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<account>")
         return cls(parts[0], parts[2], parts[4])
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadCertificate:
+    """A workload's key and certificate chain as the CA issued them, plus the trust bundle.
+
+    Produced by the node proxy's identity manager, consumed by the HBONE TLS contexts and by the
+    admin config dump. PEM text throughout, since that is what the CA API carries and what Python's
+    ssl module loads."""
+
+    identity: Identity
+    key_pem: str  # PKCS#8 private key (EC P-256)
+    chain_pem: tuple[str, ...]  # leaf first, then intermediates (the root is not included)
+    roots_pem: str  # the trust bundle: every root (and only roots) peers' chains must lead to
+    not_before: datetime
+    not_after: datetime
+    serial: int
+
+    @property
+    def refresh_at(self) -> datetime:
+        """Half-life: when a replacement is requested (Istio's rule), leaving the other half for retries."""
+        return self.not_before + (self.not_after - self.not_before) / 2
+
+    def expired(self, now: datetime) -> bool:
+        return now >= self.not_after
