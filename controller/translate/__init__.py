@@ -5,12 +5,18 @@ tables and property tests. The xDS server diffs successive `Translation`s per re
 
 `Translator` is the incremental form the controller keeps across changes: when only Pods changed it
 recomputes just those pods' Workloads (and the Services whose per-service-account waypoint depends on
-them) and hands back the very same proto objects for everything else, so the xDS server can skip
-unchanged resources by identity. Output protos are shared between successive Translations: treat them
-as read-only.
+them) and hands back the very same serialized bytes for everything else, so the xDS server can skip
+unchanged resources by identity.
+
+Resources are kept serialized, not as live messages (`serialized`: a live upb message costs about
+twenty times its wire size, and the controller holds every resource it serves). `Translation.addresses`
+and `.authorizations` are read-only Mappings of messages all the same: each read decodes a fresh
+message, which callers must treat as a value (mutating it changes nothing). The xDS layer reads the
+bytes directly (`SerializedMessages.blobs`).
 
 Module map: `context` (everything that does not depend on Pods), `workloads`, `services`, `waypoints`,
-`policy` (AuthorizationPolicy), `peer_authentication`, `translator` (full and incremental driver).
+`policy` (AuthorizationPolicy), `peer_authentication`, `translator` (full and incremental driver),
+`serialized` (the byte-backed message mapping).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from controller.translate.serialized import SerializedMessages
 from loom.api import authorization_pb2, workload_pb2
 from loom.resources.diagnostics import Diagnostic
 from loom.resources.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN
@@ -47,7 +54,12 @@ class MeshConfig:
 
 @dataclass(frozen=True, slots=True)
 class Translation:
-    """Everything the controller serves, derived from one ConfigSnapshot."""
+    """Everything the controller serves, derived from one ConfigSnapshot.
+
+    `addresses` and `authorizations` may be given as any Mapping of messages (tests, tools); they are
+    stored as `SerializedMessages` (serialized once, here), which is what reading them returns. Each
+    read of an entry decodes a fresh message: treat it as a value.
+    """
 
     # Resource name -> Address. Workloads are named by uid, services by "<namespace>/<hostname>".
     addresses: Mapping[str, workload_pb2.Address] = field(default_factory=dict)
@@ -55,6 +67,25 @@ class Translation:
     authorizations: Mapping[str, authorization_pb2.Authorization] = field(default_factory=dict)
     # Warnings and errors found while translating (e.g. L7 fields in a policy enforced at L4).
     diagnostics: tuple[Diagnostic, ...] = ()
+
+    def __post_init__(self) -> None:
+        # No-ops for what the translator builds (already SerializedMessages of the right type).
+        object.__setattr__(self, "addresses", SerializedMessages.of(workload_pb2.Address, self.addresses))
+        object.__setattr__(
+            self,
+            "authorizations",
+            SerializedMessages.of(authorization_pb2.Authorization, self.authorizations),
+        )
+
+    @property
+    def serialized_addresses(self) -> SerializedMessages[workload_pb2.Address]:
+        """`addresses` with its byte-level accessors (`serialized(name)`, `blobs`)."""
+        return SerializedMessages.of(workload_pb2.Address, self.addresses)
+
+    @property
+    def serialized_authorizations(self) -> SerializedMessages[authorization_pb2.Authorization]:
+        """`authorizations` with its byte-level accessors (`serialized(name)`, `blobs`)."""
+        return SerializedMessages.of(authorization_pb2.Authorization, self.authorizations)
 
 
 # Imported last: the translator modules use MeshConfig and Translation defined above.
@@ -64,6 +95,7 @@ __all__ = [
     "ADDRESS_TYPE_URL",
     "AUTHORIZATION_TYPE_URL",
     "MeshConfig",
+    "SerializedMessages",
     "Translation",
     "Translator",
     "translate",

@@ -3,18 +3,20 @@
 A `TranslationContext` holds the Namespaces' labels, the waypoints, the Services (with their selector
 index), the compiled AuthorizationPolicies (with their selector index) and the PeerAuthentication
 index. Pods are then translated one by one against it (`workloads.translate_pod`), which is what makes
-the incremental path cheap: when only Pods change the context is reused as is.
+the incremental path cheap: when only Pods change the context is reused as is. The translated
+policies are kept serialized, like every output (see `serialized`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.translate import MeshConfig
 from controller.translate.peer_authentication import PeerAuthenticationIndex
 from controller.translate.policy import translate_policy
 from controller.translate.selectors import SelectorIndex
+from controller.translate.serialized import SerializedMessages, serialize
 from controller.translate.services import ServiceInfo
 from controller.translate.waypoints import UseWaypoint, WaypointIndex, parse_use_waypoint
 from loom.api import authorization_pb2
@@ -86,8 +88,18 @@ class TranslationContext:
     # Keys of the WORKLOAD_SELECTOR policies of the root namespace: they select pods in every namespace.
     root_policy_selectors: SelectorIndex[str]
     peer_authentication: PeerAuthenticationIndex
-    authorizations: Mapping[str, authorization_pb2.Authorization]
+    # Shared by every Translation made with this context (an update of pods only reuses it as is).
+    authorizations: SerializedMessages[authorization_pb2.Authorization]
     diagnostics: tuple[Diagnostic, ...]
+    # One shared frozenset per distinct set of Services pods back (see `shared_service_set`).
+    _service_sets: dict[frozenset[ResourceKey], frozenset[ResourceKey]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def shared_service_set(self, keys: frozenset[ResourceKey]) -> frozenset[ResourceKey]:
+        """`keys`, or an equal set met before. The pods of one app back the same Services, and a
+        frozenset per pod would cost more memory than the rest of what is kept per pod."""
+        return self._service_sets.setdefault(keys, keys)
 
     @classmethod
     def build(cls, snapshot: ConfigSnapshot, mesh: MeshConfig) -> TranslationContext:
@@ -119,7 +131,7 @@ class TranslationContext:
             if info.selector is not None:
                 service_selectors.setdefault(service.namespace, SelectorIndex()).add(info.selector, info)
 
-        authorizations: dict[str, authorization_pb2.Authorization] = {}
+        authorizations: dict[str, bytes] = {}  # serialized Authorizations
         policy_selectors: dict[str, SelectorIndex[str]] = {}
         root_policy_selectors: SelectorIndex[str] = SelectorIndex()
 
@@ -140,14 +152,14 @@ class TranslationContext:
                     internal_error(policy, e, "loom enforces it as a DENY of every connection in its scope")
                 )
                 key = f"{policy.namespace}/{policy.name}"
-                authorizations[key] = _deny_all(policy, mesh.root_namespace)
+                authorizations[key] = serialize(_deny_all(policy, mesh.root_namespace))
                 if policy.selector is not None:
                     select_with(policy, policy.selector, key)
                 continue
             diagnostics.extend(translated.diagnostics)
             if translated.authorization is None:
                 continue
-            authorizations[translated.key] = translated.authorization
+            authorizations[translated.key] = serialize(translated.authorization)
             if translated.selector is not None:
                 select_with(policy, translated.selector, translated.key)
 
@@ -167,6 +179,6 @@ class TranslationContext:
             policy_selectors=policy_selectors,
             root_policy_selectors=root_policy_selectors,
             peer_authentication=peer_authentication,
-            authorizations=authorizations,
+            authorizations=SerializedMessages(authorization_pb2.Authorization, authorizations),
             diagnostics=tuple(diagnostics),
         )

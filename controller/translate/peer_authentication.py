@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from google.protobuf import empty_pb2
 
+from controller.translate.serialized import serialize
 from loom.api import authorization_pb2
 from loom.resources.diagnostics import Diagnostic, Severity
 from loom.resources.model import PeerAuthentication, Pod
@@ -89,7 +90,8 @@ class PeerAuthenticationIndex:
     def __init__(self, peer_authentications: Iterable[PeerAuthentication], root_namespace: str) -> None:
         self.root_namespace = root_namespace
         self.static_strict_key = f"{root_namespace}/{STATIC_STRICT_NAME}"
-        self.authorizations: dict[str, authorization_pb2.Authorization] = {}
+        # Converted policy key -> serialized Authorization (no messages kept: see translate.serialized).
+        self.authorizations: dict[str, bytes] = {}
         self.diagnostics: list[Diagnostic] = []
         namespace_wide: dict[str, PeerAuthentication] = {}
         self._workload_level: dict[str, list[PeerAuthentication]] = {}
@@ -172,8 +174,8 @@ class PeerAuthenticationIndex:
 
     def _add_static_strict(self) -> None:
         if self.static_strict_key not in self.authorizations:
-            self.authorizations[self.static_strict_key] = _deny(
-                STATIC_STRICT_NAME, self.root_namespace, _no_identity()
+            self.authorizations[self.static_strict_key] = serialize(
+                _deny(STATIC_STRICT_NAME, self.root_namespace, _no_identity())
             )
 
     def _key_for(self, state: MtlsState, pa: PeerAuthentication) -> str | None:
@@ -190,7 +192,7 @@ class PeerAuthenticationIndex:
             if state.strict
             else _no_identity(destination_ports=ports)
         )
-        self.authorizations[key] = _deny(name, pa.namespace, group)
+        self.authorizations[key] = serialize(_deny(name, pa.namespace, group))
         return key
 
     def policy_for(self, pod: Pod) -> tuple[str | None, Diagnostic | None]:

@@ -23,9 +23,11 @@ rides; `tcp` and the opaque protocols `mongo`, `mysql`, `redis` -> TCP; `tls`, `
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from controller.translate.serialized import serialize
 from loom.api import workload_pb2
 from loom.resources.diagnostics import Diagnostic, Severity
 from loom.resources.model import LabelSelector, Pod, Service, ServicePort
@@ -91,36 +93,58 @@ def container_ports_by_name(pod: Pod) -> dict[str, int]:
     return ports
 
 
+class PortSpec(NamedTuple):
+    """One port as the workload API sends it (a `Port` message's fields, without keeping a message)."""
+
+    service_port: int
+    target_port: int  # 0 in Service.ports for a named target port
+    app_protocol: workload_pb2.AppProtocol
+
+
+def _serialized_port_list(ports: Iterable[PortSpec]) -> bytes:
+    return serialize(
+        workload_pb2.PortList(
+            ports=[
+                workload_pb2.Port(
+                    service_port=p.service_port, target_port=p.target_port, app_protocol=p.app_protocol
+                )
+                for p in ports
+            ]
+        )
+    )
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class ServiceInfo:
-    """The pod-independent part of one Service's translation."""
+    """The pod-independent part of one Service's translation.
+
+    It lives as long as the translation context, so it keeps no protobuf messages: port lists are kept
+    serialized (a pod's Workload merges them in) and the Service's ports as plain tuples.
+    """
 
     service: Service
     resource_name: str  # "<namespace>/<hostname>", also the key in Workload.services
     hostname: str
     selector: LabelSelector | None  # None: selects no pods
     tcp_ports: tuple[ServicePort, ...]
-    port_protos: tuple[workload_pb2.Port, ...]  # Service.ports
-    # Workload.services entry shared by every pod when no target port is named (None otherwise).
-    shared_port_list: workload_pb2.PortList | None
+    ports: tuple[PortSpec, ...]  # Service.ports
+    # Workload.services entry (a serialized PortList) shared by every pod when no target port is
+    # named (None otherwise).
+    shared_port_list: bytes | None
     vips: tuple[bytes, ...]
     diagnostics: tuple[Diagnostic, ...]
-    # Per-pod port lists by resolved target ports: pods of one Deployment share their container ports.
-    _port_lists: dict[tuple[int | None, ...], workload_pb2.PortList] = field(default_factory=dict, repr=False)
+    # Per-pod port lists (serialized) by resolved target ports: pods of one Deployment share their
+    # container ports.
+    _port_lists: dict[tuple[int | None, ...], bytes] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, service: Service, cluster_domain: str) -> ServiceInfo:
         hostname = f"{service.name}.{service.namespace}.svc.{cluster_domain}"
         tcp_ports = tuple(p for p in service.ports if p.protocol.upper() == "TCP")
-        port_protos = tuple(
-            workload_pb2.Port(
-                service_port=p.port, target_port=_numeric_target(p) or 0, app_protocol=app_protocol(p)
-            )
-            for p in tcp_ports
-        )
+        ports = tuple(PortSpec(p.port, _numeric_target(p) or 0, app_protocol(p)) for p in tcp_ports)
         shared = None
         if all(_numeric_target(p) is not None for p in tcp_ports):
-            shared = workload_pb2.PortList(ports=port_protos)
+            shared = _serialized_port_list(ports)
         vips: list[bytes] = []
         diagnostics: list[Diagnostic] = []
         if not service.headless:
@@ -145,36 +169,34 @@ class ServiceInfo:
             hostname=hostname,
             selector=selector,
             tcp_ports=tcp_ports,
-            port_protos=port_protos,
+            ports=ports,
             shared_port_list=shared,
             vips=tuple(vips),
             diagnostics=tuple(diagnostics),
         )
 
-    def port_list_for(self, named_ports: Mapping[str, int]) -> workload_pb2.PortList:
-        """Workload.services entry for a pod with these named container ports."""
+    def port_list_for(self, named_ports: Mapping[str, int]) -> bytes:
+        """Workload.services entry (a serialized PortList) for a pod with these named container ports."""
         if self.shared_port_list is not None:
             return self.shared_port_list
         targets = tuple(
-            proto.target_port or named_ports.get(str(port.target_port))
-            for port, proto in zip(self.tcp_ports, self.port_protos, strict=True)
+            spec.target_port or named_ports.get(str(port.target_port))
+            for port, spec in zip(self.tcp_ports, self.ports, strict=True)
         )
         cached = self._port_lists.get(targets)
         if cached is not None:
             return cached
-        ports = [
-            workload_pb2.Port(
-                service_port=proto.service_port, target_port=target, app_protocol=proto.app_protocol
-            )
-            for proto, target in zip(self.port_protos, targets, strict=True)
+        port_list = _serialized_port_list(
+            spec._replace(target_port=target)
+            for spec, target in zip(self.ports, targets, strict=True)
             if target is not None  # None: this pod has no container port of that name
-        ]
-        port_list = workload_pb2.PortList(ports=ports)
+        )
         self._port_lists[targets] = port_list
         return port_list
 
-    def address(self, network: str, waypoint: workload_pb2.GatewayAddress | None) -> workload_pb2.Address:
-        """The Service resource (a fresh proto)."""
+    def address(self, network: str, waypoint: bytes | None) -> workload_pb2.Address:
+        """The Service resource (a fresh proto, for the caller to serialize and drop); `waypoint` is a
+        serialized GatewayAddress."""
         result = workload_pb2.Address()
         proto = result.service
         proto.name = self.service.name
@@ -182,7 +204,10 @@ class ServiceInfo:
         proto.hostname = self.hostname
         for vip in self.vips:
             proto.addresses.add(network=network, address=vip)
-        proto.ports.extend(self.port_protos)
+        for port in self.ports:
+            proto.ports.add(
+                service_port=port.service_port, target_port=port.target_port, app_protocol=port.app_protocol
+            )
         if waypoint is not None:
-            proto.waypoint.CopyFrom(waypoint)
+            proto.waypoint.MergeFromString(waypoint)
         return result

@@ -11,12 +11,15 @@ which Service, each Service's result -- and on `update(snapshot)`:
   the previous Translation is returned as is;
 * only Pods changed: those pods are translated again, and so are the Services whose per-service-account
   binding can depend on them (their pod set or the waypoint serving one of their pods changed). Every
-  other proto in the output is the very object of the previous Translation;
+  other resource in the output is the very `bytes` object of the previous Translation;
 * anything else read changed (Namespace, Service, Gateway, AuthorizationPolicy, PeerAuthentication):
   full translation, since each of those can change any number of workloads.
 
 Both paths give equal output, diagnostics included (ordered: pod-independent ones, then per Service,
 then per Pod, each by key), which the property tests check.
+
+Memory: every resource is built as a message, serialized at once and kept only as bytes (see
+`serialized`); what the Translator keeps per pod and per Service holds those bytes, never messages.
 
 Which keys changed: the caller may pass them (a watch event knows), otherwise they are computed with
 `ConfigSnapshot.changed_keys`, which compares every object (about 10 ms for 11,000 objects, most of
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 from controller.translate import MeshConfig, Translation
 from controller.translate.context import KINDS_READ, TranslationContext, internal_error
+from controller.translate.serialized import SerializedMessages, serialize
 from controller.translate.services import ServiceInfo
 from controller.translate.workloads import PodTranslation, not_a_workload, translate_pod, workload_uid
 from loom.api import workload_pb2
@@ -39,8 +43,9 @@ from loom.resources.model import ConfigSnapshot, Pod, ResourceKey
 
 @dataclass(frozen=True, slots=True, eq=False)
 class _ServiceResult:
-    address: workload_pb2.Address
-    waypoint: workload_pb2.GatewayAddress | None  # the (shared) binding the address was built with
+    serialized_address: bytes
+    # The binding the address was built with (the waypoint index's shared serialized GatewayAddress).
+    waypoint: bytes | None
     diagnostics: tuple[Diagnostic, ...]
 
 
@@ -67,7 +72,7 @@ def _translate_service(
     diagnostics = info.diagnostics + warnings
     if previous is not None and previous.waypoint is waypoint and previous.diagnostics == diagnostics:
         return previous
-    return _ServiceResult(info.address(ctx.mesh.network, waypoint), waypoint, diagnostics)
+    return _ServiceResult(serialize(info.address(ctx.mesh.network, waypoint)), waypoint, diagnostics)
 
 
 def _by_key(diagnostics: Mapping[ResourceKey, tuple[Diagnostic, ...]]) -> tuple[Diagnostic, ...]:
@@ -76,11 +81,12 @@ def _by_key(diagnostics: Mapping[ResourceKey, tuple[Diagnostic, ...]]) -> tuple[
 
 class _State:
     """What one translation leaves for the next. Mutated only by Translator, never shared out (the
-    `addresses` dict handed out in a Translation is never modified afterwards)."""
+    `addresses` dict handed to a Translation is never modified afterwards: updates copy it)."""
 
     __slots__ = (
         "_pod_section",
         "_service_section",
+        "addresses",
         "context",
         "members",
         "pod_diagnostics",
@@ -98,7 +104,7 @@ class _State:
         pods: dict[ResourceKey, PodTranslation],
         members: dict[ResourceKey, set[ResourceKey]],
         services: dict[ResourceKey, _ServiceResult],
-        addresses: dict[str, workload_pb2.Address],
+        addresses: dict[str, bytes],
     ) -> None:
         self.snapshot = snapshot
         self.context = context
@@ -110,6 +116,8 @@ class _State:
         self.service_diagnostics = {key: s.diagnostics for key, s in services.items() if s.diagnostics}
         self._pod_section: tuple[Diagnostic, ...] | None = None
         self._service_section: tuple[Diagnostic, ...] | None = None
+        # Name -> serialized Address of the current translation (the dict its `addresses` wraps).
+        self.addresses: dict[str, bytes] = addresses
         self.translation = self.assemble(addresses)
 
     def set_pod_diagnostics(self, key: ResourceKey, diagnostics: tuple[Diagnostic, ...]) -> None:
@@ -130,15 +138,17 @@ class _State:
             else:
                 self.service_diagnostics.pop(key, None)
 
-    def assemble(self, addresses: dict[str, workload_pb2.Address]) -> Translation:
-        """The Translation: diagnostics of the context, then per Service, then per Pod, each by key."""
+    def assemble(self, addresses: dict[str, bytes]) -> Translation:
+        """The Translation: diagnostics of the context, then per Service, then per Pod, each by key.
+        `addresses` (name -> serialized Address) is handed over: it must not be modified afterwards."""
+        self.addresses = addresses
         if self._service_section is None:
             self._service_section = _by_key(self.service_diagnostics)
         if self._pod_section is None:
             self._pod_section = _by_key(self.pod_diagnostics)
         ctx = self.context
         return Translation(
-            addresses=addresses,
+            addresses=SerializedMessages(workload_pb2.Address, addresses),
             authorizations=ctx.authorizations,
             diagnostics=ctx.diagnostics + self._service_section + self._pod_section,
         )
@@ -148,20 +158,20 @@ def _full(snapshot: ConfigSnapshot, mesh: MeshConfig) -> _State:
     ctx = TranslationContext.build(snapshot, mesh)
     pods: dict[ResourceKey, PodTranslation] = {}
     members: dict[ResourceKey, set[ResourceKey]] = {}
-    addresses: dict[str, workload_pb2.Address] = {}
+    addresses: dict[str, bytes] = {}
     for pod in snapshot.of_kind(Pod):
         result = _translate_pod_safely(pod, ctx)
         key = pod.key
         pods[key] = result
-        if result.address is not None:
-            addresses[result.uid] = result.address
+        if result.serialized_address is not None:
+            addresses[result.uid] = result.serialized_address
         for service_key in result.services:
             members.setdefault(service_key, set()).add(key)
     services: dict[ResourceKey, _ServiceResult] = {}
     for key, info in ctx.services.items():
         service = _translate_service(info, ctx, pods, members)
         services[key] = service
-        addresses[info.resource_name] = service.address
+        addresses[info.resource_name] = service.serialized_address
     return _State(snapshot, ctx, pods, members, services, addresses)
 
 
@@ -212,17 +222,17 @@ class Translator:
             pod = snapshot.get_obj(Pod, key.namespace, key.name)
             results[key] = None if pod is None else _translate_pod_safely(pod, ctx)
 
-        addresses = dict(state.translation.addresses)
+        addresses = dict(state.addresses)
         affected_services: set[ResourceKey] = set()
         pods, members = state.pods, state.members
         for key, new in results.items():
             old = pods.pop(key, None)
-            if old is not None and old.address is not None:
+            if old is not None and old.serialized_address is not None:
                 del addresses[old.uid]
             if new is not None:
                 pods[key] = new
-                if new.address is not None:
-                    addresses[new.uid] = new.address
+                if new.serialized_address is not None:
+                    addresses[new.uid] = new.serialized_address
             state.set_pod_diagnostics(key, new.diagnostics if new is not None else ())
             old_services = old.services if old is not None else frozenset()
             new_services = new.services if new is not None else frozenset()
@@ -247,7 +257,7 @@ class Translator:
             result = _translate_service(info, ctx, pods, members, previous)
             if result is not previous:
                 state.set_service(service_key, result)
-                addresses[info.resource_name] = result.address
+                addresses[info.resource_name] = result.serialized_address
 
         state.snapshot = snapshot
         state.translation = state.assemble(addresses)

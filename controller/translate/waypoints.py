@@ -51,6 +51,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from controller.translate.serialized import serialize
 from loom.api import workload_pb2
 from loom.resources.diagnostics import Diagnostic, Severity
 from loom.resources.model import (
@@ -127,7 +128,7 @@ class WaypointIndex:
         self._traffic: dict[WaypointRef, frozenset[str]] = {}
         self._per_sa: dict[tuple[str, str], WaypointRef] = {}
         self._per_sa_namespaces: set[str] = set()
-        self._addresses: dict[WaypointRef, workload_pb2.GatewayAddress] = {}
+        self._addresses: dict[WaypointRef, bytes] = {}
         self.diagnostics: list[Diagnostic] = []
         for gateway in sorted(gateways, key=lambda g: g.key):
             ref = WaypointRef(gateway.namespace, gateway.name)
@@ -170,16 +171,19 @@ class WaypointIndex:
 
     # --- lookups -----------------------------------------------------------------------------------
 
-    def address(self, ref: WaypointRef) -> workload_pb2.GatewayAddress:
-        """The GatewayAddress of a waypoint (shared proto: read-only)."""
+    def address(self, ref: WaypointRef) -> bytes:
+        """The GatewayAddress of a waypoint, serialized (no message is kept); the same object for the
+        same waypoint, so bindings compare by identity."""
         cached = self._addresses.get(ref)
         if cached is None:
-            cached = workload_pb2.GatewayAddress(
-                hostname=workload_pb2.NamespacedHostname(
-                    namespace=ref.namespace,
-                    hostname=f"{ref.name}.{ref.namespace}.svc.{self._cluster_domain}",
-                ),
-                hbone_mtls_port=HBONE_PORT,
+            cached = serialize(
+                workload_pb2.GatewayAddress(
+                    hostname=workload_pb2.NamespacedHostname(
+                        namespace=ref.namespace,
+                        hostname=f"{ref.name}.{ref.namespace}.svc.{self._cluster_domain}",
+                    ),
+                    hbone_mtls_port=HBONE_PORT,
+                )
             )
             self._addresses[ref] = cached
         return cached
@@ -210,7 +214,7 @@ class WaypointIndex:
 
     def _resolve(
         self, ref: WaypointRef, choice: UseWaypoint, traffic: str, subject: Resource | None
-    ) -> tuple[workload_pb2.GatewayAddress | None, Diagnostic | None]:
+    ) -> tuple[bytes | None, Diagnostic | None]:
         """Bind `traffic` to the waypoint `ref` a use-waypoint label names; `subject` is the labelled
         Pod/Service to warn about (None for a Namespace's label: that warning is issued once per
         namespace, by `missing_waypoint_warning`)."""
@@ -254,8 +258,9 @@ class WaypointIndex:
 
     def workload_binding(
         self, pod: Pod, namespace_choice: UseWaypoint | None
-    ) -> tuple[workload_pb2.GatewayAddress | None, WaypointRef | None, Diagnostic | None]:
-        """(Workload.waypoint, the per-service-account waypoint serving the pod, warning)."""
+    ) -> tuple[bytes | None, WaypointRef | None, Diagnostic | None]:
+        """(Workload.waypoint (a serialized GatewayAddress), the per-service-account waypoint serving
+        the pod, warning)."""
         if self.is_waypoint_pod(pod):
             return None, None, None
         explicit = parse_use_waypoint(pod.meta.labels, pod.namespace)
@@ -287,9 +292,10 @@ class WaypointIndex:
         service: Service,
         namespace_choice: UseWaypoint | None,
         endpoint_waypoints: Collection[WaypointRef | None],
-    ) -> tuple[workload_pb2.GatewayAddress | None, tuple[Diagnostic, ...]]:
-        """(Service.waypoint, warnings). `endpoint_waypoints` holds, for each pod behind the Service,
-        the per-service-account waypoint serving it (None for a pod no such waypoint serves)."""
+    ) -> tuple[bytes | None, tuple[Diagnostic, ...]]:
+        """(Service.waypoint (a serialized GatewayAddress), warnings). `endpoint_waypoints` holds, for
+        each pod behind the Service, the per-service-account waypoint serving it (None for a pod no
+        such waypoint serves)."""
         if self.is_waypoint_service(service):
             return None, ()
         explicit = parse_use_waypoint(service.meta.labels, service.namespace)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from controller.translate.context import TranslationContext
+from controller.translate.serialized import serialize
 from controller.translate.services import container_ports_by_name, ip_bytes
 from controller.translate.waypoints import WaypointRef
 from loom.api import workload_pb2
@@ -54,7 +55,9 @@ class PodTranslation:
     """What one Pod contributes to the output."""
 
     uid: str  # the Workload resource name
-    address: workload_pb2.Address | None  # None: the pod is not a workload (yet)
+    # The Address, serialized (the message itself is not kept: see controller.translate.serialized).
+    # None: the pod is not a workload (yet).
+    serialized_address: bytes | None
     services: frozenset[ResourceKey]  # the Services it backs (it is one of their endpoints)
     # The per-service-account waypoint serving it (waypoints rule 2), for its Services' binding.
     per_sa_waypoint: WaypointRef | None
@@ -119,7 +122,7 @@ def translate_pod(pod: Pod, ctx: TranslationContext) -> PodTranslation:
     if waypoint_warning is not None:
         diagnostics.append(waypoint_warning)
 
-    backed: list[tuple[str, ResourceKey, workload_pb2.PortList]] = []
+    backed: list[tuple[str, ResourceKey, bytes]] = []  # (resource name, key, serialized PortList)
     service_index = ctx.service_selectors.get(namespace)
     if service_index is not None:
         candidates = service_index.matching(labels)
@@ -156,7 +159,7 @@ def translate_pod(pod: Pod, ctx: TranslationContext) -> PodTranslation:
     if pod.spec.service_account != "default":
         w.service_account = pod.spec.service_account
     if waypoint is not None:
-        w.waypoint.CopyFrom(waypoint)
+        w.waypoint.MergeFromString(waypoint)
     w.node = pod.spec.node_name
     w.canonical_name = _first_label(labels, _CANONICAL_NAME_LABELS, workload_name)
     w.canonical_revision = _first_label(labels, _CANONICAL_REVISION_LABELS, DEFAULT_REVISION)
@@ -164,15 +167,15 @@ def translate_pod(pod: Pod, ctx: TranslationContext) -> PodTranslation:
     w.workload_name = workload_name
     w.native_tunnel = native_tunnel
     for resource_name, _, port_list in backed:
-        w.services[resource_name].CopyFrom(port_list)
+        w.services[resource_name].MergeFromString(port_list)
     w.authorization_policies.extend(sorted(policies))
     w.status = workload_pb2.HEALTHY if pod.ready else workload_pb2.UNHEALTHY
     w.cluster_id = mesh.cluster_id
     w.capacity = 1
     return PodTranslation(
         uid=uid,
-        address=result,
-        services=frozenset(key for _, key, _ in backed),
+        serialized_address=serialize(result),
+        services=ctx.shared_service_set(frozenset(key for _, key, _ in backed)),
         per_sa_waypoint=per_sa_waypoint,
         diagnostics=tuple(diagnostics),
     )

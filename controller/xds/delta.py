@@ -340,13 +340,15 @@ class DeltaStream:
             nonce = format(next(self._nonces), "x")
             chunk_removed = removed if index == 0 else []
             response = discovery_pb2.DeltaDiscoveryResponse(
-                type_url=type_url,
-                nonce=nonce,
-                resources=[
-                    discovery_pb2.Resource(name=name, version=r.version, resource=r.body) for name, r in chunk
-                ],
-                removed_resources=chunk_removed,
+                type_url=type_url, nonce=nonce, removed_resources=chunk_removed
             )
+            # Built in place from the stored bytes: no intermediate Resource/Any messages to copy
+            # (upb copies a message given to a constructor), and nothing outlives the response.
+            add = response.resources.add
+            for name, r in chunk:
+                body = add(name=name, version=r.version).resource
+                body.type_url = type_url
+                body.value = r.serialized
             for name, r in chunk:
                 state.client[name] = r.version
                 state.rejected.pop(name, None)

@@ -1,10 +1,20 @@
 """Resource versions and the prepared, shareable form of what the xDS server serves.
 
-Theory of operation: every resource is serialized exactly once per distinct content, with protobuf's
-deterministic serialization, and wrapped in an `Any`. Its version is a short hash of those bytes, so
-the same content always has the same version, across pushes, streams and controller restarts. That is
-what makes `initial_resource_versions` useful: a node proxy that reconnects (even to a restarted
-controller) announces the versions it holds and receives exactly the resources whose bytes differ.
+Theory of operation: every resource is held as its deterministic serialization -- the very bytes the
+translation produced (`controller.translate.serialized`), never a live message -- and its version is a
+short hash of those bytes, so the same content always has the same version, across pushes, streams
+and controller restarts. That is what makes `initial_resource_versions` useful: a node proxy that
+reconnects (even to a restarted controller) announces the versions it holds and receives exactly the
+resources whose bytes differ.
+
+Per resource a `ResourceSet` keeps only (version, bytes). The discovery `Resource`/`Any` messages are
+built when a response is built (`delta.py`, directly inside the response message) and dropped with
+it: with the upb backend a live message costs about twenty times its serialized size, and 11,000
+prepared messages would cost more memory than all the rest of the served state.
+
+Hashing is skipped for unchanged resources: the incremental translator hands back the very same
+`bytes` object for a resource it did not recompute, and any resource whose bytes equal the previous
+ones keeps the previous version without being hashed again.
 
 A `ResourceSet` is immutable once built and is shared by every stream; the per-stream delta state
 (`delta.py`) only holds names and version strings.
@@ -18,10 +28,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from controller.translate import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, Translation
+from controller.translate.serialized import serialize
 
 # Authorization first: a new workload or service must never become known to a node proxy before the
 # policies that govern it, or there is a window in which a DENY it is subject to is not yet enforced.
@@ -33,14 +43,14 @@ _VERSION_BYTES = 12
 
 
 class VersionedResource(NamedTuple):
-    """One resource as served: its content version and the pre-serialized `Any`."""
+    """One resource as served: its content version and its serialized message (the `Any` value)."""
 
     version: str
-    body: any_pb2.Any
+    serialized: bytes
 
     @property
     def size(self) -> int:
-        return len(self.body.value)
+        return len(self.serialized)
 
 
 # type URL -> resource name -> versioned resource.
@@ -53,9 +63,14 @@ def content_version(serialized: bytes) -> str:
     return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 
 
-def version_resource(type_url: str, message: Message) -> VersionedResource:
-    serialized = message.SerializeToString(deterministic=True)
-    return VersionedResource(content_version(serialized), any_pb2.Any(type_url=type_url, value=serialized))
+def versioned(serialized: bytes) -> VersionedResource:
+    """A resource from its deterministic serialization."""
+    return VersionedResource(content_version(serialized), serialized)
+
+
+def version_resource(message: Message) -> VersionedResource:
+    """A resource from a message (serialized deterministically, as the translation does)."""
+    return versioned(serialize(message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +78,6 @@ class ResourceSet:
     """Everything served at one point in time, keyed by type URL and name."""
 
     resources: ResourcesByType = field(default_factory=dict)
-    # The translated messages the versions were computed from, by type and name. Kept so that the next
-    # preparation can skip serializing messages that are the very same (unchanged) objects.
-    sources: Mapping[str, Mapping[str, Message]] = field(default_factory=dict, repr=False)
 
     def count(self, type_url: str) -> int:
         return len(self.resources.get(type_url, {}))
@@ -75,29 +87,28 @@ class ResourceSet:
 
 
 def prepare(translation: Translation, previous: ResourceSet | None = None) -> ResourceSet:
-    """Version and serialize a translation, reusing `previous` for messages that are the same objects.
+    """Version a translation, reusing `previous`'s version of every resource whose bytes are unchanged.
 
-    The identity shortcut relies on the Translation contract that published messages are never mutated
-    (an incremental translator hands back the same object for an unchanged resource). Everything else
-    is serialized, so a translator that builds fresh messages each time is merely slower, never wrong.
+    Unchanged resources of an incremental translation are the very same `bytes` objects, for which the
+    comparison is an identity check; equal bytes from a fresh translation are compared (far cheaper
+    than hashing them again). Either way the version is a function of the bytes only.
     """
-    by_type: dict[str, Mapping[str, Message]] = {
-        AUTHORIZATION_TYPE_URL: translation.authorizations,
-        ADDRESS_TYPE_URL: translation.addresses,
+    by_type: dict[str, Mapping[str, bytes]] = {
+        AUTHORIZATION_TYPE_URL: translation.serialized_authorizations.blobs,
+        ADDRESS_TYPE_URL: translation.serialized_addresses.blobs,
     }
     resources: dict[str, dict[str, VersionedResource]] = {}
-    for type_url, messages in by_type.items():
-        old_sources = previous.sources.get(type_url, {}) if previous else {}
+    for type_url, blobs in by_type.items():
         old_resources = previous.resources.get(type_url, {}) if previous else {}
         prepared: dict[str, VersionedResource] = {}
-        for name, message in messages.items():
+        for name, serialized in blobs.items():
             reused = old_resources.get(name)
-            if reused is not None and old_sources.get(name) is message:
+            if reused is not None and reused.serialized == serialized:
                 prepared[name] = reused
             else:
-                prepared[name] = version_resource(type_url, message)
+                prepared[name] = versioned(serialized)
         resources[type_url] = prepared
-    return ResourceSet(resources=resources, sources={t: dict(m) for t, m in by_type.items()})
+    return ResourceSet(resources=resources)
 
 
 def changed_names(old: ResourceSet, new: ResourceSet) -> dict[str, frozenset[str]]:

@@ -26,7 +26,7 @@ ADDR = ADDRESS_TYPE_URL
 
 def resource(content: str) -> VersionedResource:
     """A resource whose bytes (and so version) are determined by `content`."""
-    return version_resource(AUTHZ, authorization_pb2.Authorization(name=content))
+    return version_resource(authorization_pb2.Authorization(name=content))
 
 
 def state(**by_type: Mapping[str, str]) -> ResourcesByType:
@@ -144,6 +144,9 @@ def test_first_request(
         for res in r.resources:
             assert res.version == version(res.name, served[res.name])
             assert res.resource.type_url == AUTHZ
+            # The Any carries the stored bytes: they decode to the served resource.
+            body = authorization_pb2.Authorization.FromString(res.resource.value)
+            assert body.name == f"{res.name}@{served[res.name]}"
 
 
 def test_first_request_carrying_a_nonce_reports_it_stale() -> None:
