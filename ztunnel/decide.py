@@ -362,7 +362,22 @@ def _to_service(
             best = max(ranks)
             candidates = [c for c, r in zip(candidates, ranks, strict=True) if r == best]
     workload, endpoint_ip, target = candidates[_weighted_choice(rng, [c[0] for c in candidates])]
+    return _to_endpoint(state, original, source, workload, (endpoint_ip, target), service, rng)
 
+
+def _to_endpoint(
+    state: ProxyState,
+    original: Address,
+    source: Workload,
+    workload: Workload,
+    endpoint: Address,
+    service: Service | None,
+    rng: random.Random,
+) -> OutboundPlan:
+    """The plan once the destination workload is known: through its waypoint (unless the source is
+    that waypoint), else HBONE to it, else plain TCP. `endpoint` is its ip and target port; `service`
+    is set when the client dialled a service VIP (its SANs are then accepted too)."""
+    ip, port = endpoint
     if workload.HasField("waypoint"):
         plan = _waypoint_plan(
             state,
@@ -376,50 +391,23 @@ def _to_service(
         if plan is not None:
             return plan
     if speaks_hbone(workload):
+        sans = service.subject_alt_names if service is not None else ()
         return OutboundPlan(
             OutboundKind.HBONE_DIRECT,
             original,
-            next_hop=(endpoint_ip, HBONE_PORT),
-            authority=format_host_port(endpoint_ip, target),
-            expected_identities=_identities(workload_identity(workload), service.subject_alt_names),
+            next_hop=(ip, HBONE_PORT),
+            authority=format_host_port(ip, port),
+            expected_identities=_identities(workload_identity(workload), sans),
             destination_workload=workload,
             destination_service=service,
         )
     return OutboundPlan(
         OutboundKind.PASSTHROUGH,
         original,
-        next_hop=(endpoint_ip, target),
+        next_hop=endpoint,
         destination_workload=workload,
         destination_service=service,
     )
-
-
-def _to_workload(
-    state: ProxyState, original: Address, source: Workload, workload: Workload, rng: random.Random
-) -> OutboundPlan:
-    ip, port = original
-    if workload.HasField("waypoint"):
-        plan = _waypoint_plan(
-            state,
-            original,
-            source,
-            workload.waypoint,
-            rng,
-            destination_workload=workload,
-            destination_service=None,
-        )
-        if plan is not None:
-            return plan
-    if speaks_hbone(workload):
-        return OutboundPlan(
-            OutboundKind.HBONE_DIRECT,
-            original,
-            next_hop=(ip, HBONE_PORT),
-            authority=format_host_port(ip, port),
-            expected_identities=(workload_identity(workload),),
-            destination_workload=workload,
-        )
-    return OutboundPlan(OutboundKind.PASSTHROUGH, original, next_hop=original, destination_workload=workload)
 
 
 def outbound(
@@ -441,7 +429,7 @@ def outbound(
         uids = ", ".join(sorted(w.uid for w in found))
         return _refuse(original, f"address {ip} is claimed by several workloads ({uids})")
     if found:
-        return _to_workload(state, original, source, found[0], rng)
+        return _to_endpoint(state, original, source, found[0], original, None, rng)
     broken = state.broken_at(ip, network)
     if broken is not None:
         return _refuse(original, f"destination {ip} has invalid configuration: {broken.error}")
