@@ -4,72 +4,30 @@ a real grpc.aio xDS client over TLS verified with the controller's root, CSR and
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import aiohttp
 import grpc
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import struct_pb2
 
 from controller.app import ControllerApp
-from controller.config import Config
-from controller.sources.base import ConfigSource
 from controller.translate import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from loom.api import ca_pb2, discovery_pb2
-from loom.testing.waiting import eventually
+from loom.testing.controller import (  # noqa: F401 - re-exported for the tests
+    WAIT,
+    controller_config,
+    metric_value,
+    running_controller,
+    write_manifests,
+)
 
 ADDR = ADDRESS_TYPE_URL
 AUTHZ = AUTHORIZATION_TYPE_URL
 XDS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 CA_METHOD = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
-WAIT = 10.0  # upper bound of every wait; normal runs take milliseconds
-
-
-def write_manifests(path: Path, *manifests: Mapping[str, Any]) -> None:
-    path.write_text(yaml.safe_dump_all([dict(m) for m in manifests], sort_keys=False))
-
-
-def controller_config(
-    state_dir: Path, config_dirs: Sequence[Path] = (), *, kubernetes: bool = False, extra: Sequence[str] = ()
-) -> Config:
-    argv = [
-        "--state-dir",
-        str(state_dir),
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--debounce",
-        "5ms",
-        "--max-push-delay",
-        "20ms",
-        *extra,
-    ]
-    for d in config_dirs:
-        argv += ["--config-dir", str(d)]
-    if kubernetes:
-        argv.append("--kubernetes")
-    return Config.from_args(argv, {})
-
-
-@contextlib.asynccontextmanager
-async def running_controller(
-    config: Config, *, source: ConfigSource | None = None, wait_ready: bool = True
-) -> AsyncIterator[ControllerApp]:
-    app = ControllerApp(config, source=source)
-    try:
-        await app.start()
-        if wait_ready:
-            await eventually(lambda: app.ready, within=WAIT, what="controller ready")
-        yield app
-    finally:
-        await app.stop()
 
 
 def channel(app: ControllerApp) -> grpc.aio.Channel:
@@ -217,13 +175,3 @@ async def http_get(app: ControllerApp, path: str) -> tuple[int, str]:
         session.get(f"http://127.0.0.1:{app.http_port}{path}") as r,
     ):
         return r.status, await r.text()
-
-
-def metric_value(exposition: str, name: str, labels: Mapping[str, str] | None = None) -> float:
-    """The value of one sample in a Prometheus text exposition (0 if absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in (labels or {}).items())
-    series = f"{name}{{{wanted}}}" if wanted else name
-    for line in exposition.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0

@@ -7,80 +7,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
-from controller.app import ControllerApp
 from controller.ca.authority import CertificateAuthority
-from controller.config import Config
 from loom.api import ca_pb2, discovery_pb2
 from loom.identity import Identity
-from loom.testing.waiting import eventually
+from loom.testing.controller import (  # noqa: F401 - re-exported for the tests
+    WAIT,
+    controller_config,
+    metric_value,
+    running_controller,
+    start_controller,
+    write_manifests,
+)
 
-WAIT = 10.0  # upper bound of every wait; normal runs take milliseconds
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
-
-
-def write_manifests(path: Path, *manifests: Mapping[str, Any]) -> None:
-    path.write_text(yaml.safe_dump_all([dict(m) for m in manifests], sort_keys=False))
-
-
-def controller_config(
-    state_dir: Path, config_dirs: Sequence[Path], *, grpc_port: int = 0, extra: Sequence[str] = ()
-) -> Config:
-    argv = [
-        "--state-dir",
-        str(state_dir),
-        "--grpc-addr",
-        f"127.0.0.1:{grpc_port}",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--debounce",
-        "5ms",
-        "--max-push-delay",
-        "20ms",
-        *extra,
-    ]
-    for d in config_dirs:
-        argv += ["--config-dir", str(d)]
-    return Config.from_args(argv, {})
-
-
-@contextlib.asynccontextmanager
-async def running_controller(config: Config) -> AsyncIterator[ControllerApp]:
-    app = ControllerApp(config)
-    try:
-        await app.start()
-        await eventually(lambda: app.ready, within=WAIT, what="controller ready")
-        yield app
-    finally:
-        await app.stop()
-
-
-async def start_controller(config: Config) -> ControllerApp:
-    """Start a controller the test stops itself (to take it down in the middle of a test)."""
-    app = ControllerApp(config)
-    try:
-        await app.start()
-        await eventually(lambda: app.ready, within=WAIT, what="controller ready")
-    except BaseException:
-        await app.stop()
-        raise
-    return app
-
-
-def metric_value(registry_text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
-    """One sample of a Prometheus text exposition (0 if absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in (labels or {}).items())
-    series = f"{name}{{{wanted}}}" if wanted else name
-    for line in registry_text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
