@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loom.cli import demo, validate
+from loom.cli import demo, validate, ztunnel_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     validate.register(commands)
     demo.register(commands)
+    ztunnel_config.register(commands)
     return parser
 
 
