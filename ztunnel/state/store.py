@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from loom.api import authorization_pb2, workload_pb2
 from loom.policy.rbac import Connection, Decision, DecisionReason, PolicyEvaluator
@@ -127,6 +128,8 @@ class ProxyState:
         self._evaluator = evaluator if evaluator is not None else PolicyEvaluator()
         self._rejected_policies: dict[str, str] = {}
         self._undecodable_policies: dict[str, str] = {}
+        # The Authorization resources as received, for the admin config dump (policies are few).
+        self._authorizations: dict[str, authorization_pb2.Authorization] = {}
         self._watchers: list[Watcher] = []
         self._generation = 0
 
@@ -244,6 +247,11 @@ class ProxyState:
     def rejected(self) -> Mapping[str, str]:
         """Every resource currently rejected, by name, with the reason (for the admin dump)."""
         return {**self._rejected_addresses, **self._rejected_policies}
+
+    @property
+    def authorizations(self) -> Mapping[str, authorization_pb2.Authorization]:
+        """The Authorization resources as received (including ones that failed to compile), by name."""
+        return MappingProxyType(self._authorizations)
 
     @property
     def policies(self) -> PolicyEvaluator:
@@ -381,11 +389,13 @@ class ProxyState:
         changed: set[str] = set()
         for key in removals:
             self._evaluator.remove(key)
+            self._authorizations.pop(key, None)
             self._undecodable_policies.pop(key, None)
             self._rejected_policies.pop(key, None)
             changed.add(key)
         for key, resource in upserts.items():
             self._undecodable_policies.pop(key, None)
+            self._authorizations[key] = resource
             error = self._evaluator.upsert(resource, key)
             changed.add(key)
             if error is None:
@@ -399,6 +409,7 @@ class ProxyState:
                 )
         for key, reason in (undecodable or {}).items():
             self._evaluator.remove(key)
+            self._authorizations.pop(key, None)
             message = f"authorization {key}: cannot be decoded ({reason}); every local workload denies"
             self._undecodable_policies[key] = message
             self._rejected_policies[key] = message

@@ -309,8 +309,10 @@ def test_policy_upsert_remove_and_notification() -> None:
     )
     assert changes[-1].policies == {"default/allow"}
     assert state.authorize(app, conn()).allowed
+    assert list(state.authorizations) == ["default/allow"]  # kept as received, for the config dump
     state.apply_authorizations({}, removals=["default/allow"])
     assert not state.authorize(app, conn()).allowed
+    assert dict(state.authorizations) == {}
 
 
 def test_policy_that_does_not_compile_denies_its_workloads() -> None:
