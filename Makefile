@@ -6,8 +6,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the project needs at run or test time: netfilter tools and iproute2 for capture and
-# the lab, tcpdump for the demo's wire evidence, bcc for eBPF redirection.
-DEB_PACKAGES := iproute2 iptables nftables tcpdump procps
+# the lab, tcpdump for the wire evidence, curl as an independent HTTP/2 peer in the HBONE tests.
+DEB_PACKAGES := iproute2 iptables nftables tcpdump procps curl
 
 .PHONY: test demo lint typecheck unit deps venv protos clean
 
