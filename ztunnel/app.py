@@ -122,6 +122,7 @@ class ZtunnelApp:
             state=self.state,
             certificates=self.certificates,
             connections=self.connections,
+            authorizations=lambda: self.state.authorizations.values(),
             workload_state=lambda: workload_states_from_inpod(self.inpod.workloads()),
             log_control=self.log_control,
         )

@@ -338,3 +338,50 @@ async def test_a_pod_sending_before_its_workload_is_known_is_held_then_tunnelled
         assert (answer.server, answer.seen_ip, answer.echoed) == ("b", late.address, b"early bird")
         inbound = samples(mesh.ztunnel("n2"), "istio_tcp_connections_opened_total")
         assert any(s["source_principal"] == "spiffe://cluster.local/ns/demo/sa/sa-late" for s in inbound)
+
+
+async def test_loomctl_ztunnel_config_reads_a_running_ztunnel(
+    lab: NetnsLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`loomctl ztunnel-config` against n2's live admin port: Istio's columns with real state."""
+    from loom.cli.main import main
+
+    async with mesh_lab(lab, LAYOUT) as mesh:
+        mesh.apply(
+            "b-policy",
+            manifests.authorization_policy(
+                MESH_NAMESPACE,
+                "b-policy",
+                action="ALLOW",
+                principals=principals("sa-x"),
+                match_labels={"pod": "b"},
+            ),
+        )
+        await until(lambda: not allowed(mesh, "c", "b"), "policy received")
+        await call(mesh.pods["a"], mesh.pods["b"].address, APP_PORT)  # n2 now holds sa-y's certificate
+        admin = f"127.0.0.1:{mesh.ztunnel('n2').ports['admin']}"
+
+        async def ztunnel_config(*args: str) -> list[str]:
+            # The CLI blocks on HTTP; the admin server runs on this loop, so the CLI runs in a thread.
+            code = await asyncio.to_thread(main, ["ztunnel-config", *args, "--admin-address", admin])
+            assert code == 0
+            return capsys.readouterr().out.splitlines()
+
+        workloads = await ztunnel_config("workloads")
+        assert workloads[0].split() == ["NAMESPACE", "POD", "NAME", "ADDRESS", "NODE", "WAYPOINT", "PROTOCOL"]
+        rows = {line.split()[1]: line.split() for line in workloads[1:]}
+        assert rows["b"] == [MESH_NAMESPACE, "b", mesh.pods["b"].address, "n2", "None", "HBONE"]
+        assert rows["far"][-1] == "TCP"  # outside the mesh
+
+        policies = await ztunnel_config("policies")
+        assert [MESH_NAMESPACE, "b-policy", "Allow", "WorkloadSelector"] in [
+            line.split() for line in policies
+        ]
+
+        certificates = await ztunnel_config("certificates")
+        leaf = [
+            line
+            for line in certificates
+            if line.startswith(f"spiffe://cluster.local/ns/{MESH_NAMESPACE}/sa/sa-y")
+        ]
+        assert leaf and leaf[0].split()[1:3] == ["Leaf", "Available"]
