@@ -560,13 +560,27 @@ class HboneServer:
         )
         self._accept_tasks[sock] = task
 
-    def stop_accepting(self, close_sockets: bool = True) -> None:
+    async def stop_accepting(self, close_sockets: bool = True, within: float = 1.0) -> None:
+        """Stop accepting without losing a connection the kernel already handed over.
+
+        The listening sockets are shut down first, so each accept loop ends by itself (accept fails
+        with EINVAL) after serving whatever it accepted; cancelling an accept instead could drop a
+        socket accepted but not yet delivered, leaving its client hanging. Queued connections not yet
+        accepted move to another SO_REUSEPORT listener where the kernel supports it. Loops still
+        running after `within` seconds are cancelled."""
         self._stopping = True
-        for sock, task in list(self._accept_tasks.items()):
-            task.cancel()
-            if close_sockets:
-                sock.close()
+        tasks = dict(self._accept_tasks)
         self._accept_tasks.clear()
+        for sock in tasks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if tasks:
+            _, pending = await asyncio.wait(tasks.values(), timeout=within)
+            for task in pending:
+                task.cancel()
+        if close_sockets:
+            for sock in tasks:
+                sock.close()
 
     @property
     def active_connections(self) -> int:
@@ -685,7 +699,7 @@ class HboneServer:
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, let open tunnels finish for up to `grace` seconds, then close the rest."""
-        self.stop_accepting()
+        await self.stop_accepting()
         for connection in list(self.connections):
             connection.drain()
         loop = asyncio.get_running_loop()

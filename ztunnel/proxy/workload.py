@@ -87,7 +87,6 @@ _EXPECTED_FAILURES = (HboneError, CertificateError, ConnectionFailure, OSError)
 # Closing listeners: how long to wait for the accept loops to end by themselves, and the loop turns the
 # HBONE server's accept loop needs to do the same.
 _ACCEPT_STOP_WAIT = 1.0
-_ACCEPT_STOP_TURNS = 3
 # Per network namespace: /proc/sys/net follows the namespace of the thread that opens it.
 _TCP_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 # How long the closer of an inbound tunnel waits for the tunnel to report its end.
@@ -216,16 +215,13 @@ class WorkloadProxy:
                 sock.shutdown(socket.SHUT_RDWR)
         if self._accept_tasks:
             await asyncio.wait(self._accept_tasks, timeout=_ACCEPT_STOP_WAIT)
-        # The HBONE server's accept loop ends the same way; give it the loop turns it needs.
-        for _ in range(_ACCEPT_STOP_TURNS):
-            await asyncio.sleep(0)
+        await self.hbone.stop_accepting(within=_ACCEPT_STOP_WAIT)  # its listener ends the same way
         self._closed = True
         for task in self._accept_tasks:
             task.cancel()
         for sock in self._listeners:
             sock.close()
         self._listeners.clear()
-        self.hbone.stop_accepting()
 
     async def drain(self, deadline: float) -> None:
         """Let open connections finish for up to `deadline` seconds, then close the rest."""
