@@ -389,6 +389,12 @@ class ServerConnection(H2Endpoint):
     async def _decide(self, channel: StreamChannel, request: TunnelRequest) -> None:
         limits = self.server_limits
         sock: socket.socket | None = None
+        decision: Decision | None = None
+        # Once the tunnel is open its own finish callback reports the result; until then this
+        # method owes the handler's on_close a call whatever happens (connect failure, the client
+        # resetting the stream, cancellation), so every admitted connection is accounted for once.
+        opened = False
+        started = self.loop.time()
         try:
             try:
                 decision = await asyncio.wait_for(self.server.handler(request), limits.decision_timeout)
@@ -427,6 +433,7 @@ class ServerConnection(H2Endpoint):
             if channel.finished or self.closing:
                 bridge.fail(HboneConnectionError("stream ended before the upstream was ready"))
                 return
+            opened = True  # _open_tunnel registers the finish callback before anything can fail
             self.guarded(self._open_tunnel, channel, request, decision, bridge)
         except asyncio.CancelledError:
             raise
@@ -436,16 +443,22 @@ class ServerConnection(H2Endpoint):
         finally:
             if sock is not None:
                 sock.close()
+            if decision is not None and decision.on_close is not None and not opened:
+                error = channel.error if channel.error is not None else "the tunnel was not opened"
+                decision.on_close(
+                    TunnelResult(
+                        request=request,
+                        received=0,
+                        sent=0,
+                        duration=self.loop.time() - started,
+                        reset_code=channel.reset_code,
+                        error=str(error),
+                    )
+                )
 
     def _open_tunnel(
         self, channel: StreamChannel, request: TunnelRequest, decision: Decision, bridge: SocketBridge
     ) -> None:
-        self.send_headers(channel, [(":status", "200"), *decision.response_headers], end_stream=False)
-        self.stats.response(200)
-        channel.responded_at = self.loop.time()
-        channel.can_send = True
-        tunnel = ServerTunnel(self, channel, request)
-        self.tunnels[channel.stream_id] = tunnel
         on_close = decision.on_close
 
         def finished(ch: StreamChannel) -> None:
@@ -462,7 +475,12 @@ class ServerConnection(H2Endpoint):
                     )
                 )
 
-        channel.on_finish.append(finished)
+        channel.on_finish.append(finished)  # first: from here on `finished` reports the result
+        self.tunnels[channel.stream_id] = ServerTunnel(self, channel, request)
+        self.send_headers(channel, [(":status", "200"), *decision.response_headers], end_stream=False)
+        self.stats.response(200)
+        channel.responded_at = self.loop.time()
+        channel.can_send = True
         channel.set_producer(bridge)
         channel.attach_sink(bridge)
         self.pump_out(channel)

@@ -582,6 +582,10 @@ class WorkloadProxy:
         handle: ConnectionHandle | None = None
 
         def finish(tunnel_result: TunnelResult | None, error: BaseException | None = None) -> None:
+            # Reached once per admitted connection, but possibly from two places: a failed app connect
+            # (with the precise error) and the HBONE server's on_close, which it always calls.
+            if ended.is_set():
+                return
             if tunnel_result is not None:
                 # The initiator (the HBONE client) "sent" what we received from it.
                 result.record_bytes(tunnel_result.received, tunnel_result.sent)

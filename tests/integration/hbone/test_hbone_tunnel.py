@@ -207,6 +207,28 @@ async def test_upstream_connect_failure_is_503(pki: Pki) -> None:
         assert sut.server.stats.requests_rejected["upstream_connect_failed"] == 1
 
 
+async def test_on_close_is_reported_once_when_an_admitted_tunnel_never_opens(pki: Pki) -> None:
+    """The handler admitted the connection (and opened its telemetry record); the upstream then failed.
+    on_close must still be called, exactly once, so the record is closed."""
+    server_cert, client_cert = pki.issue("ns1", "server"), pki.issue("ns2", "client")
+    closed = listening_socket("127.0.0.1")
+    closed_address = closed.getsockname()[:2]
+    closed.close()
+    results: list[TunnelResult] = []
+
+    async def handler(request: TunnelRequest) -> Decision:
+        return Decision(200, tcp_connector(closed_address), on_close=results.append)
+
+    async with running_server(server_cert, handler) as sut, pool() as p:
+        with pytest.raises(HboneRejected):
+            await p.connect(client_cert, [server_cert.identity], sut.address, "127.0.0.1:9")
+        await eventually(lambda: len(results) == 1, within=WAIT)
+        await asyncio.sleep(0.05)
+        assert len(results) == 1
+        assert (results[0].sent, results[0].received) == (0, 0)
+        assert results[0].error is not None
+
+
 async def test_handler_exception_is_503_and_connection_survives(pki: Pki) -> None:
     server_cert, client_cert = pki.issue("ns1", "server"), pki.issue("ns2", "client")
     echo = await start_echo()
