@@ -363,15 +363,21 @@ class WorkloadProxy:
 
     # ------------------------------------------------------------------ outbound (15001)
 
+    def _captured_destination(
+        self, conn: socket.socket, peer: tuple[str, int], direction: Direction, listener: str
+    ) -> tuple[str, int] | None:
+        """Where a redirected connection was going (SO_ORIGINAL_DST); None after refusing it."""
+        try:
+            return original_dst(conn)
+        except (OSError, ValueError) as e:
+            self.context.metrics.log_early_deny(direction, peer, listener, f"no original destination: {e}")
+            refuse(conn)
+            return None
+
     async def _outbound(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         metrics = self.context.metrics
-        try:
-            destination = original_dst(conn)
-        except (OSError, ValueError) as e:
-            metrics.log_early_deny(
-                Direction.OUTBOUND, peer, f"{peer[0]}:{OUTBOUND_PORT}", f"no original destination: {e}"
-            )
-            refuse(conn)
+        destination = self._captured_destination(conn, peer, Direction.OUTBOUND, f"{peer[0]}:{OUTBOUND_PORT}")
+        if destination is None:
             return
         try:
             source = await self.wait_local_workload()
@@ -495,13 +501,8 @@ class WorkloadProxy:
 
     async def _inbound_plaintext(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         metrics = self.context.metrics
-        try:
-            destination = original_dst(conn)
-        except (OSError, ValueError) as e:
-            metrics.log_early_deny(
-                Direction.INBOUND, peer, f"?:{INBOUND_PLAINTEXT_PORT}", f"no original destination: {e}"
-            )
-            refuse(conn)
+        destination = self._captured_destination(conn, peer, Direction.INBOUND, f"?:{INBOUND_PLAINTEXT_PORT}")
+        if destination is None:
             return
         local = await self.context.changes.wait_for(self.local_workload, self.context.settings.workload_wait)
         state = self.context.state
