@@ -26,22 +26,24 @@ responses. Nothing here changes proxy state except the log levels (``POST /loggi
 
 Servers are created and started inside the running loop (`await server.start()`); port 0 binds an
 ephemeral port, and `server.port` tells which one was bound. `reuse_port=True` lets a new process bind
-the same port while an old one drains (ztunnel restarts).
+the same port while an old one drains (ztunnel restarts). The servers are `loom.httpserver.HttpServer`
+(h11, one request per connection), not a web framework: these pages are too few and too small to be
+worth the ~9 MB an idle proxy would otherwise carry.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import prometheus_client
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from loom.api import authorization_pb2, workload_pb2
+from loom.httpserver import APPLICATION_JSON, HttpServer, Request, Response
 from loom.resources.model import DEFAULT_TRUST_DOMAIN
 from ztunnel.connections import ConnectionInfo, ConnectionRegistry, Direction
 from ztunnel.identity import CertificateStatus
@@ -409,71 +411,6 @@ def config_dump(sources: AdminSources) -> dict[str, Any]:
 # servers
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class HttpServer:
-    """One aiohttp site with a fixed route table ((method, path, handler), ...); start/stop inside
-    the running loop."""
-
-    def __init__(
-        self,
-        name: str,
-        host: str,
-        port: int,
-        routes: Sequence[tuple[str, str, Handler]],
-        *,
-        reuse_port: bool = False,
-    ) -> None:
-        self.name = name
-        self.host = host
-        self._requested_port = port
-        self._routes = tuple(routes)
-        self._reuse_port = reuse_port
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (after `start`)."""
-        if self._port is None:
-            raise RuntimeError(f"the {self.name} server is not started")
-        return self._port
-
-    @property
-    def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    async def start(self) -> None:
-        if self._runner is not None:
-            raise RuntimeError(f"the {self.name} server is already started")
-        app = web.Application()
-        for method, path, handler in self._routes:
-            app.router.add_route(method, path, handler)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, self.host, self._requested_port, reuse_address=True, reuse_port=self._reuse_port or None
-        )
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise OSError(
-                e.errno,
-                f"cannot listen on {self.host}:{self._requested_port} ({self.name}): {e.strerror or e}",
-            ) from e
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
-        logger.info(f"{self.name} server listening", extra={"fields": {"address": self.address}})
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-
 _INDEX = """\
 loom ztunnel admin
   GET  /config_dump       workloads, services, policies, certificates, workloadState, connections
@@ -498,33 +435,33 @@ class AdminServer(HttpServer):
             ("GET", "/logging", self._get_logging),
             ("POST", "/logging", self._post_logging),
         ]
-        super().__init__("admin", host, port, routes, reuse_port=reuse_port)
+        super().__init__("admin", host, port, routes, reuse_port=reuse_port, logger=logger)
         self.sources = sources
 
-    async def _index(self, request: web.Request) -> web.Response:
-        return web.Response(text=_INDEX.format(scopes=", ".join(SCOPES)))
+    async def _index(self, request: Request) -> Response:
+        return Response(body=_INDEX.format(scopes=", ".join(SCOPES)))
 
-    async def _config_dump(self, request: web.Request) -> web.Response:
+    async def _config_dump(self, request: Request) -> Response:
         try:
             dump = config_dump(self.sources)
         except DumpError as e:
             logger.exception("config_dump failed", extra={"fields": {"section": e.section}})
-            return web.Response(status=500, text=f"{e}\n")
-        return web.Response(text=json.dumps(dump, indent=2) + "\n", content_type="application/json")
+            return Response(500, f"{e}\n")
+        return Response(body=json.dumps(dump, indent=2) + "\n", content_type=APPLICATION_JSON)
 
-    async def _get_logging(self, request: web.Request) -> web.Response:
+    async def _get_logging(self, request: Request) -> Response:
         control = self.sources.log_control
         if control is None:
-            return web.Response(status=404, text="log levels are not managed by this process\n")
-        return web.Response(text=control.describe() + "\n")
+            return Response(404, "log levels are not managed by this process\n")
+        return Response(body=control.describe() + "\n")
 
-    async def _post_logging(self, request: web.Request) -> web.Response:
+    async def _post_logging(self, request: Request) -> Response:
         control = self.sources.log_control
         if control is None:
-            return web.Response(status=404, text="log levels are not managed by this process\n")
+            return Response(404, "log levels are not managed by this process\n")
         query = request.query
         if "reset" not in query and "level" not in query:
-            return web.Response(status=400, text="expected ?level=[default,]scope:level,... or ?reset\n")
+            return Response(400, "expected ?level=[default,]scope:level,... or ?reset\n")
         try:
             if "level" in query:
                 # Validate before resetting, so a bad request changes nothing.
@@ -534,9 +471,9 @@ class AdminServer(HttpServer):
             if "level" in query:
                 control.set(query["level"])
         except LogLevelError as e:
-            return web.Response(status=400, text=f"{e}\n")
+            return Response(400, f"{e}\n")
         logger.info("log levels changed", extra={"fields": {"levels": control.describe()}})
-        return web.Response(text=control.describe() + "\n")
+        return Response(body=control.describe() + "\n")
 
 
 class MetricsServer(HttpServer):
@@ -549,12 +486,12 @@ class MetricsServer(HttpServer):
         reuse_port: bool = False,
     ) -> None:
         routes = [("GET", "/metrics", self._metrics), ("GET", "/stats/prometheus", self._metrics)]
-        super().__init__("metrics", host, port, routes, reuse_port=reuse_port)
+        super().__init__("metrics", host, port, routes, reuse_port=reuse_port, logger=logger)
         self.registry = registry
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: Request) -> Response:
         body = prometheus_client.generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+        return Response(body=body, content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 class ReadinessServer(HttpServer):
@@ -567,11 +504,16 @@ class ReadinessServer(HttpServer):
         reuse_port: bool = False,
     ) -> None:
         super().__init__(
-            "readiness", host, port, [("GET", "/healthz/ready", self._ready)], reuse_port=reuse_port
+            "readiness",
+            host,
+            port,
+            [("GET", "/healthz/ready", self._ready)],
+            reuse_port=reuse_port,
+            logger=logger,
         )
         self.readiness = readiness
 
-    async def _ready(self, request: web.Request) -> web.Response:
+    async def _ready(self, request: Request) -> Response:
         if self.readiness.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text=f"not ready, waiting for: {', '.join(self.readiness.pending)}\n")
+            return Response(body="ready\n")
+        return Response(503, f"not ready, waiting for: {', '.join(self.readiness.pending)}\n")
