@@ -96,7 +96,7 @@ class NodeAuthenticator(Protocol):
 
 
 def valid_node_name(name: str) -> bool:
-    return len(name) <= 253 and bool(_NODE_NAME.match(name))
+    return len(name) <= 253 and bool(_NODE_NAME.fullmatch(name))  # fullmatch: "$" allows a trailing \n
 
 
 def bearer_token(metadata: Metadata) -> str:
@@ -322,8 +322,10 @@ class KubernetesNodeAuthenticator:
             raise AuthenticationError(
                 "not-authenticated", f"TokenReview: {status.get('error') or 'rejected'}"
             )
+        # The API server must confirm one of our audiences: an empty or missing list means the token is
+        # valid for the API server's own audience (or the authenticator ignores audiences), not ours.
         audiences = status.get("audiences")
-        if isinstance(audiences, list) and audiences and not set(audiences) & set(self._audiences):
+        if not isinstance(audiences, list) or not set(audiences) & set(self._audiences):
             raise AuthenticationError(
                 "wrong-audience", f"token audiences {audiences} are not {self._audiences}"
             )

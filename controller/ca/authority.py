@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -463,7 +463,8 @@ class CertificateAuthority:
         try:
             public_key = csr.public_key()
             valid = csr.is_signature_valid
-        except (ValueError, TypeError, x509.UnsupportedGeneralNameType) as e:
+        except (ValueError, TypeError, x509.UnsupportedGeneralNameType, UnsupportedAlgorithm) as e:
+            # UnsupportedAlgorithm: a curve or key type cryptography does not know (e.g. an odd OID).
             raise SigningError(f"CSR cannot be checked: {e}") from e
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
             public_key.curve, ec.SECP256R1

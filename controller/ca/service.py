@@ -148,6 +148,9 @@ class CertificateService:
             reason, detail = e.reason, e.detail
         except SigningError as e:
             reason, detail = "bad-csr", str(e)
+        except Exception as e:  # a bug must not answer with its own message: refuse like any other case
+            logger.exception("certificate request failed unexpectedly")
+            reason, detail = "internal", f"{type(e).__name__}: {e}"
         else:
             self._metrics.certificates_issued.inc()
             logger.info(

@@ -56,7 +56,7 @@ from __future__ import annotations
 import ipaddress
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from typing import Protocol, TypeVar
 
@@ -225,6 +225,9 @@ class BrokenPolicy:
     namespace: str
     scope: int  # the raw proto value; may be an unknown scope
     error: PolicyCompileError
+    # A broken dry-run policy is reported (as a dry-run deny) but never decides: it was only ever
+    # meant to be observed.
+    dry_run: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -512,16 +515,28 @@ def decide(policies: Iterable[PolicyLike], conn: Connection) -> Decision:
     that cannot be compiled denies the connection.
     """
     compiled: list[CompiledPolicy] = []
+    broken_dry_runs: list[str] = []
     for policy in policies:
         if isinstance(policy, authorization_pb2.Authorization):
             try:
                 policy = compile_authorization(policy)
             except PolicyCompileError as e:
-                return Decision(False, DecisionReason.INVALID_POLICY, e.key, detail=str(e))
+                policy = BrokenPolicy(e.key, policy.namespace, int(policy.scope), e, dry_run=policy.dry_run)
         if isinstance(policy, BrokenPolicy):
+            if policy.dry_run:
+                broken_dry_runs.append(policy.key)
+                continue
             return Decision(False, DecisionReason.INVALID_POLICY, policy.key, detail=str(policy.error))
         compiled.append(policy)
-    return _decide_compiled(compiled, _View(conn))
+    decision = _decide_compiled(compiled, _View(conn))
+    if broken_dry_runs:
+        # Enforced, a policy that cannot be compiled would deny: that is what dry-run reports.
+        decision = replace(
+            decision,
+            dry_run_matches=(*decision.dry_run_matches, *broken_dry_runs),
+            dry_run_allowed=False,
+        )
+    return decision
 
 
 def _decide_compiled(policies: Sequence[CompiledPolicy], view: _View) -> Decision:
@@ -654,7 +669,7 @@ class PolicyEvaluator:
             policy = compile_authorization(resource, key)
         except PolicyCompileError as e:
             error = e
-            policy = BrokenPolicy(key, resource.namespace, int(resource.scope), e)
+            policy = BrokenPolicy(key, resource.namespace, int(resource.scope), e, dry_run=resource.dry_run)
         self._policies[key] = policy
         if policy.scope == PolicyScope.GLOBAL:
             self._global[key] = policy

@@ -248,10 +248,23 @@ def _tampered_csr() -> str:
     return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
 
 
+def _unknown_curve_csr() -> str:
+    """A P-256 CSR whose curve OID (1.2.840.10045.3.1.7) is changed to one cryptography does not know."""
+    der = x509.load_pem_x509_csr(make_csr(str(ALICE)).encode()).public_bytes(serialization.Encoding.DER)
+    p256 = bytes.fromhex("06082a8648ce3d030107")
+    assert der.count(p256) == 1
+    return (
+        x509.load_der_x509_csr(der.replace(p256, p256[:-1] + b"\x08"))
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+
+
 @pytest.mark.parametrize(
     ("csr", "message"),
     [
         pytest.param("", "not a PEM-encoded", id="empty"),
+        pytest.param(_unknown_curve_csr(), "cannot be checked", id="unknown curve"),
         pytest.param(
             "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
             "not a PEM",

@@ -233,6 +233,13 @@ KUBE_REFUSALS = [
         {"authenticated": False, "error": "expired"}, [ZTUNNEL_A], "not-authenticated", id="rejected"
     ),
     pytest.param(review(audiences=("other",)), [ZTUNNEL_A], "wrong-audience", id="wrong audience"),
+    pytest.param(review(audiences=()), [ZTUNNEL_A], "wrong-audience", id="audience not confirmed"),
+    pytest.param(
+        {k: v for k, v in review().items() if k != "audiences"},
+        [ZTUNNEL_A],
+        "wrong-audience",
+        id="audiences missing from the review",
+    ),
 ]
 
 
@@ -364,3 +371,11 @@ def test_impersonated_identity_from_struct() -> None:
     with pytest.raises(Refusal) as e:
         impersonated_identity(s)
     assert e.value.reason == "bad-identity"
+
+
+def test_node_names_are_matched_whole() -> None:
+    from controller.auth import valid_node_name
+
+    assert valid_node_name("node-a.example")
+    assert not valid_node_name("node-a\n")  # a regex "$" would accept the trailing newline
+    assert not valid_node_name("Node_A")

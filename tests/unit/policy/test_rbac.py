@@ -468,6 +468,17 @@ def test_decide_denies_when_a_policy_cannot_be_compiled() -> None:
     assert "unknown action 9" in decision.detail
 
 
+def test_a_broken_dry_run_policy_is_reported_but_never_decides() -> None:
+    broken = pb.Authorization(name="bad", namespace="x", action=unknown_action(9), dry_run=True)
+    decision = decide([policy(ANY), broken], conn())
+    assert decision.allowed  # a dry-run policy is only observed, even when it cannot be compiled
+    assert decision.dry_run_matches == ("x/bad",)
+    assert decision.dry_run_allowed is False  # enforced, it would deny
+    evaluator = PolicyEvaluator()
+    assert isinstance(evaluator.upsert(broken), PolicyCompileError)
+    assert evaluator.decide(workload("x"), conn()).allowed
+
+
 def test_compiled_policy_keeps_its_identity() -> None:
     compiled = compile_authorization(policy(ANY, name="n", scope=pb.GLOBAL, action=pb.DENY, dry_run=True))
     assert (compiled.key, compiled.scope, compiled.action, compiled.dry_run) == (
