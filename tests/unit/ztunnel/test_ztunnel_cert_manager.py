@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from ztunnel_builders import by_name, uid, workload
 
 from controller.ca.authority import CertificateAuthority
 from loom.identity import Identity, WorkloadCertificate
 from loom.testing.waiting import eventually
+from loom.testing.workload_api import by_name, uid, workload
 from ztunnel.identity import (
     CaUnavailable,
     CertificateManager,

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 from google.protobuf import empty_pb2
-from ztunnel_builders import state_with, uid, workload
 
 from loom.api import authorization_pb2 as pb
 from loom.identity import Identity
 from loom.policy.rbac import DecisionReason
+from loom.testing.workload_api import state_with, uid, workload
 from ztunnel.decide import AuthorityError, InboundReason, inbound, inbound_plaintext, parse_authority
 from ztunnel.state import ProxyState, Workload
 

@@ -26,10 +26,10 @@ import random
 from dataclasses import dataclass
 
 import pytest
-from ztunnel_builders import service, service_key, state_with, uid, waypoint_ref, workload
 
 from loom.api import workload_pb2
 from loom.identity import Identity
+from loom.testing.workload_api import service, service_key, state_with, uid, waypoint_ref, workload
 from ztunnel.decide import OutboundKind, OutboundPlan, outbound
 from ztunnel.state import ProxyState, Workload
 

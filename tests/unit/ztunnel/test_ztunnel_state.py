@@ -6,12 +6,21 @@ import ipaddress
 import logging
 
 import pytest
-from ztunnel_builders import by_name, hostname, packed, service, service_key, uid, waypoint_ref, workload
 
 from loom.api import authorization_pb2 as pb
 from loom.api import workload_pb2
 from loom.identity import Identity
 from loom.policy.rbac import Connection, DecisionReason
+from loom.testing.workload_api import (
+    by_name,
+    hostname,
+    packed,
+    service,
+    service_key,
+    uid,
+    waypoint_ref,
+    workload,
+)
 from ztunnel.state import (
     AddressError,
     ProxyState,

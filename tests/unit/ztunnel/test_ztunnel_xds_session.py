@@ -6,12 +6,12 @@ from collections.abc import Mapping, Sequence
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
-from ztunnel_builders import by_name, service, service_key, uid, workload
 
 from loom.api import authorization_pb2 as pb
 from loom.api import discovery_pb2
 from loom.identity import Identity
 from loom.policy.rbac import Connection, DecisionReason
+from loom.testing.workload_api import by_name, service, service_key, uid, workload
 from ztunnel.state import ProxyState
 from ztunnel.xds.session import (
     ADDRESS_TYPE_URL,

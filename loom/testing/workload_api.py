@@ -1,4 +1,6 @@
-"""Builders of workload API resources for the node proxy's unit tests (small, valid protos)."""
+"""Builders of workload API resources for tests (small, valid protos), and a ProxyState holding them.
+
+Shared by the node proxy's state, decision and telemetry tests."""
 
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ def workload(
     locality: tuple[str, str, str] | None = None,
     policies: Iterable[str] = (),
     trust_domain: str = "",
+    canonical: tuple[str, str] = ("", ""),
+    workload_name: str = "",
 ) -> workload_pb2.Address:
     """A pod's Workload; `services` maps a service *name* (namespace default) or key to (port, target)s."""
     address = workload_pb2.Address()
@@ -67,7 +71,8 @@ def workload(
     w.status = workload_pb2.HEALTHY if healthy else workload_pb2.UNHEALTHY
     w.capacity = capacity
     w.cluster_id = CLUSTER
-    w.workload_name = name
+    w.workload_name = workload_name or name
+    w.canonical_name, w.canonical_revision = canonical
     if waypoint is not None:
         w.waypoint.CopyFrom(waypoint)
     if locality is not None:
@@ -123,7 +128,10 @@ def state_with(
     state = ProxyState(node)
     rejected = state.apply_addresses(by_name(*addresses))
     assert rejected == {}, rejected
-    policy_list = list(policies)
-    if policy_list:
-        assert state.apply_authorizations({f"{p.namespace}/{p.name}": p for p in policy_list}) == {}
+    apply_policies(state, *policies)
     return state
+
+
+def apply_policies(state: ProxyState, *policies: authorization_pb2.Authorization) -> None:
+    if policies:
+        assert state.apply_authorizations({f"{p.namespace}/{p.name}": p for p in policies}) == {}
