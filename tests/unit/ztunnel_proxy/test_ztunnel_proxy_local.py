@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.unit.ztunnel.ztunnel_builders import by_name, state_with, uid, workload
+from loom.testing.workload_api import by_name, state_with, uid, workload
 from ztunnel.inpod import WorkloadInfo
 from ztunnel.proxy import StateChanges, find_local_workload
 from ztunnel.state import ProxyState
