@@ -18,14 +18,18 @@ configuration or a Kubernetes watch feeds it; tests fill an in-memory one). For 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 from cni.agent.enrolment import decide_enrolment
 from cni.agent.redirect import RedirectionBackend, RedirectionError
-from cni.agent.zds_server import ZdsServer, ZtunnelUnavailable
+from cni.agent.zds_server import ZdsPod, ZdsServer, ZtunnelUnavailable
 from cni.events import AgentReply, AgentRequest, Outcome, PodAttachment, RequestKind
 from loom.resources.model import Namespace, Pod
 from ztunnel.inpod.protocol import WorkloadInfo
@@ -67,6 +71,50 @@ class StaticPodDirectory:
 class CapturedPod:
     uid: str
     attachment: PodAttachment
+    service_account: str = "default"
+
+    @property
+    def info(self) -> WorkloadInfo:
+        return WorkloadInfo(self.attachment.name, self.attachment.namespace, self.service_account)
+
+
+class CapturedStore:
+    """The captured pods, persisted so that a restarted agent gives ztunnel the same snapshot.
+
+    Without it a restarted agent would send an empty snapshot and ztunnel would drain every proxy: the
+    pods' rules stay (traffic fails closed) but their traffic stops. Written atomically (temp file +
+    rename) after every change; a missing or unreadable file is an empty set, reported in the log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, CapturedPod]:
+        try:
+            raw = json.loads(self.path.read_text())
+            pods: dict[str, CapturedPod] = {}
+            for entry in raw["pods"]:
+                attachment = dict(entry["attachment"])
+                attachment["ips"] = tuple(ipaddress.ip_address(ip) for ip in attachment.get("ips", ()))
+                pods[entry["attachment"]["container_id"]] = CapturedPod(
+                    entry["uid"], PodAttachment(**attachment), entry.get("service_account", "default")
+                )
+            return pods
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("captured-pod state %s is unreadable (%s); starting without it", self.path, exc)
+            return {}
+
+    def save(self, captured: Mapping[str, CapturedPod]) -> None:
+        pods = []
+        for pod in captured.values():
+            attachment = asdict(pod.attachment)
+            attachment["ips"] = [str(ip) for ip in pod.attachment.ips]
+            pods.append({"uid": pod.uid, "service_account": pod.service_account, "attachment": attachment})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"pods": pods}, indent=1))
+        os.replace(tmp, self.path)
 
 
 def pod_uid(attachment: PodAttachment, pod: Pod) -> str:
@@ -77,12 +125,49 @@ def pod_uid(attachment: PodAttachment, pod: Pod) -> str:
 class NodeAgent:
     """See the module docstring. `handle` is the `cni.events.serve_plugin_events` handler."""
 
-    def __init__(self, directory: PodDirectory, backend: RedirectionBackend, zds: ZdsServer) -> None:
+    def __init__(
+        self,
+        directory: PodDirectory,
+        backend: RedirectionBackend,
+        zds: ZdsServer,
+        store: CapturedStore | None = None,
+    ) -> None:
         self.directory = directory
         self.backend = backend
         self.zds = zds
+        self.store = store
         self.captured: dict[str, CapturedPod] = {}  # by container ID
         self._lock = asyncio.Lock()  # one pod event at a time: enrolment steps must not interleave
+
+    async def restore(self) -> int:
+        """Take back the pods captured before a restart; call before the ZDS server starts listening.
+
+        A pod whose network namespace still exists keeps its rules (re-applied if they drifted) and is
+        listed in ztunnel's snapshot with its netns, so ztunnel keeps that proxy (same netns inode: a
+        no-op); a pod whose namespace is gone was deleted while the agent was down and is dropped."""
+        if self.store is None:
+            return 0
+        for container_id, pod in self.store.load().items():
+            netns = pod.attachment.netns
+            if not netns or not await asyncio.to_thread(os.path.exists, netns):
+                log.info("dropping %s/%s: its sandbox is gone", pod.attachment.namespace, pod.attachment.name)
+                continue
+            try:
+                if await self.backend.verify(netns):
+                    await self.backend.apply(netns)
+            except RedirectionError as exc:
+                log.error("restoring %s/%s: %s", pod.attachment.namespace, pod.attachment.name, exc)
+            self.captured[container_id] = pod
+            self.zds.pods[pod.uid] = ZdsPod(pod.uid, pod.info, netns)
+        self._persist()
+        return len(self.captured)
+
+    def _persist(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.save(self.captured)
+            except OSError as exc:  # losing the state file only costs a restart's snapshot
+                log.error("cannot save captured-pod state to %s: %s", self.store.path, exc)
 
     async def handle(self, request: AgentRequest) -> AgentReply:
         async with self._lock:
@@ -119,10 +204,11 @@ class NodeAgent:
         except RedirectionError as exc:
             return AgentReply(Outcome.ERROR, f"{where}: {exc}", retry=True)
         # From here on the pod is captured (fail closed); remember it so DEL/GC remove the rules.
-        self.captured[attachment.container_id] = CapturedPod(uid, attachment)
-        info = WorkloadInfo(attachment.name, attachment.namespace, pod.spec.service_account)
+        captured = CapturedPod(uid, attachment, pod.spec.service_account)
+        self.captured[attachment.container_id] = captured
+        self._persist()
         try:
-            error = await self.zds.add(uid, info, attachment.netns)
+            error = await self.zds.add(uid, captured.info, attachment.netns)
         except ZtunnelUnavailable as exc:
             return AgentReply(Outcome.ERROR, f"{where}: redirection installed but {exc}", retry=True)
         if error:
@@ -131,6 +217,7 @@ class NodeAgent:
         return AgentReply(Outcome.ENROLLED, decision.reason)
 
     async def _release(self, captured: CapturedPod) -> list[str]:
+        self._persist()  # the caller already removed it from `captured`
         problems = list(await self.zds.delete(captured.uid))
         netns = captured.attachment.netns
         if netns:  # the backend treats a namespace that no longer exists as nothing to remove

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cni.agent.agent import NodeAgent, StaticPodDirectory
+from cni.agent.agent import CapturedStore, NodeAgent, StaticPodDirectory
 from cni.agent.redirect import IptablesBackend, check_prerequisites
 from cni.agent.zds_server import ZdsServer
 from cni.events import serve_plugin_events
@@ -46,6 +46,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=[Path(p) for p in env.get(ENV_PREFIX + "MANIFESTS", "").split(os.pathsep) if p],
         help="Kubernetes YAML files/directories with the pods and namespaces",
+    )
+    # Where the captured pods are remembered across agent restarts (tmpfs: a node reboot starts fresh,
+    # as every sandbox is recreated then anyway).
+    parser.add_argument(
+        "--state-file", default=env.get(ENV_PREFIX + "STATE_FILE", "/var/run/loom-cni/captured.json")
     )
     parser.add_argument("--log-level", default=env.get(ENV_PREFIX + "LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
@@ -74,8 +79,12 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     backend = IptablesBackend()
     try:
-        async with ZdsServer(args.zds_socket) as zds:
-            agent = NodeAgent(directory, backend, zds)
+        zds = ZdsServer(args.zds_socket)
+        agent = NodeAgent(directory, backend, zds, CapturedStore(Path(args.state_file)))
+        # Before ztunnel can connect: its first snapshot must list the pods captured before a restart.
+        restored = await agent.restore()
+        log.info("restored %d captured pods from %s", restored, args.state_file)
+        async with zds:
             server = await serve_plugin_events(args.plugin_socket, agent.handle)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from cni.agent.agent import NodeAgent, StaticPodDirectory
+from cni.agent.agent import CapturedPod, CapturedStore, NodeAgent, StaticPodDirectory
 from cni.agent.redirect import RedirectionError
 from cni.agent.zds_server import ZdsServer
 from cni.events import AgentReply, AgentRequest, Attachment, Outcome, PodAttachment, RequestKind
@@ -124,3 +126,36 @@ async def test_gc_releases_attachments_the_runtime_no_longer_has(zds_path: str) 
         drop = AgentRequest(RequestKind.GC, valid_attachments=())
         assert (await agent.handle(drop)).outcome is Outcome.DONE
         assert "uid-a" not in manager.running and agent.captured == {}
+
+
+@pytest.mark.parametrize("persisted", [True, False], ids=["restored from state", "no state (control)"])
+async def test_agent_restart_keeps_ztunnel_proxies(zds_path: str, tmp_path: Path, persisted: bool) -> None:
+    """A restarted agent must give ztunnel the same snapshot; an empty one would drain every proxy."""
+    backend = RecordingBackend()
+    state = tmp_path / "captured.json"
+    gone = PodAttachment("mesh", "gone", "uid-gone", "c9", str(tmp_path / "no-such-netns"), "eth0")
+    async with ztunnel(zds_path) as (_, manager):
+        first = NodeAgent(directory(), backend, ZdsServer(zds_path), CapturedStore(state))
+        async with first.zds:
+            await first.zds.wait_ready(WAIT)
+            assert (await first.handle(request(RequestKind.ADD, "mesh", "a"))).outcome is Outcome.ENROLLED
+            assert "uid-a" in manager.running
+        # The agent is gone; ztunnel keeps serving and reconnects. A sandbox deleted meanwhile:
+        first.captured["c9"] = CapturedPod("uid-gone", gone)
+        first._persist()
+        second = NodeAgent(
+            directory(), backend, ZdsServer(zds_path), CapturedStore(state if persisted else tmp_path / "x")
+        )
+        assert await second.restore() == (1 if persisted else 0)
+        async with second.zds:
+            await second.zds.wait_ready(WAIT)
+            await asyncio.sleep(0.1)  # let the client finish reconciling after the snapshot
+            if persisted:
+                assert "uid-a" in manager.running
+                assert ("stop-drain", "uid-a") not in manager.events and (
+                    "stop",
+                    "uid-a",
+                ) not in manager.events
+                assert set(second.captured) == {"c1"}  # the vanished sandbox was dropped
+            else:
+                assert "uid-a" not in manager.running  # what the state file prevents
