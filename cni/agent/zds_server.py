@@ -103,6 +103,25 @@ async def send_datagram(sock: socket.socket, data: bytes, fds: Iterable[int] = (
             await _wait_writable(sock)
 
 
+async def exchange(sock: socket.socket, request: Request, netns_path: str | None, io_timeout: float) -> str:
+    """Send one request (an add carries a fresh fd of `netns_path` as SCM_RIGHTS) and return the error
+    text of ztunnel's ack ("" on success). Raises OSError, TimeoutError or ProtocolError; the caller
+    decides what a failure means for the connection."""
+    fds: list[int] = []
+    try:
+        if netns_path is not None:
+            fds.append(os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC))
+        async with asyncio.timeout(io_timeout):
+            await send_datagram(sock, encode_request(request), fds)
+            response = await asyncio.get_running_loop().sock_recv(sock, MAX_DATAGRAM)
+    finally:
+        for fd in fds:
+            os.close(fd)  # ztunnel received its own copy
+    if not response:
+        raise ConnectionResetError("ztunnel closed the connection before acking")
+    return decode_ack(response)
+
+
 class ZdsServer:
     """See the module docstring. `async with ZdsServer(path) as server:` or start()/close()."""
 
@@ -245,22 +264,11 @@ class ZdsServer:
         """Send one request (adds carry a fresh fd of `netns_path`) and return its ack's error text.
 
         Any failure closes the connection and is raised (OSError, TimeoutError or ProtocolError)."""
-        fds: list[int] = []
         try:
-            if netns_path is not None:
-                fds.append(os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC))
-            async with asyncio.timeout(self.io_timeout):
-                await send_datagram(connection.sock, encode_request(request), fds)
-                response = await asyncio.get_running_loop().sock_recv(connection.sock, MAX_DATAGRAM)
-            if not response:
-                raise ConnectionResetError("ztunnel closed the connection before acking")
-            error = decode_ack(response)
+            error = await exchange(connection.sock, request, netns_path, self.io_timeout)
         except BaseException as exc:
             self._drop(connection, f"{type(request).__name__} failed: {exc!r}")
             raise
-        finally:
-            for fd in fds:
-                os.close(fd)  # ztunnel received its own copy
         connection.exchanges.append((request, error))
         return error
 

@@ -16,7 +16,6 @@ connect to them. Failures can be injected per uid.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
@@ -26,6 +25,7 @@ from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from cni.agent.zds_server import exchange, send_datagram
 from cni.rules import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, InpodRules, IpFamily
 from loom.api import zds_pb2
 from loom.testing.netns import Netns, Pod, apply_inpod_rules, remove_inpod_rules
@@ -38,9 +38,7 @@ from ztunnel.inpod.protocol import (
     Request,
     SnapshotSent,
     WorkloadInfo,
-    decode_ack,
     decode_hello,
-    encode_request,
 )
 
 log = logging.getLogger(__name__)
@@ -84,33 +82,6 @@ class AgentConnection:
     exchanges: list[tuple[Request, str]] = field(default_factory=list)
     snapshot_done: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-async def _wait_writable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(sock.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(sock.fileno())
-
-
-async def send_datagram(sock: socket.socket, data: bytes, fds: Iterable[int] = ()) -> None:
-    """One datagram on a non-blocking SEQPACKET socket, with fds as SCM_RIGHTS."""
-    fd_list = list(fds)
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
-    while True:
-        try:
-            sock.sendmsg([data], ancillary)
-            return
-        except (BlockingIOError, InterruptedError):
-            await _wait_writable(sock)
 
 
 class InpodTestAgent:
@@ -203,26 +174,13 @@ class InpodTestAgent:
         connection.closed.set()
 
     async def _exchange(self, connection: AgentConnection, request: Request, netns_path: str | None) -> str:
-        """Send one request (with the namespace fd for adds) and wait for its ack.
-
-        The AddWorkload's own netns_fd field is not used: the fd opened from `netns_path` travels."""
-        loop = asyncio.get_running_loop()
-        fds = []
-        if netns_path is not None:
-            fds.append(os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC))
+        """Send one request (with the namespace fd for adds) and wait for its ack: the production
+        server's exchange; failures only mark the connection closed here."""
         try:
-            async with asyncio.timeout(self.io_timeout):
-                await send_datagram(connection.sock, encode_request(request), fds)
-                response = await loop.sock_recv(connection.sock, _MAX_RESPONSE)
-            if not response:
-                raise ConnectionResetError("ztunnel closed the connection before acking")
+            error = await exchange(connection.sock, request, netns_path, self.io_timeout)
         except BaseException:
             self._mark_closed(connection)
             raise
-        finally:
-            for fd in fds:
-                os.close(fd)  # the receiver has its own copy
-        error = decode_ack(response)
         connection.exchanges.append((request, error))
         return error
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loom.testing.inpod_agent import send_datagram
+from cni.agent.zds_server import send_datagram
 from ztunnel.inpod.client import (
     ANCILLARY_BUFFER_SIZE,
     Backoff,
