@@ -25,8 +25,10 @@ Tooling choices: links, addresses and routes are configured with iproute2's `ip 
 refuses to act on a namespace that does not exist. (pyroute2's `IPRoute(netns=...)` silently *creates* a
 missing namespace by default, which would turn a cleanup race into a leak, and a pyroute2 socket opened
 on a thread that has switched namespace is not bound to that namespace.) iptables-restore and
-iptables-save run through `ip netns exec`. Python callables run inside a namespace on a dedicated
-switcher thread (`ztunnel.inpod.netns.NetnsSwitcher`), which always switches back.
+iptables-save run through `ip netns exec`. The command runner and the `ip -n` primitives are the
+production ones of `loom.lab.network` (`Netns` extends its `NamedNetns`), re-exported here. Python
+callables run inside a namespace on a dedicated switcher thread (`ztunnel.inpod.netns.NetnsSwitcher`),
+which always switches back.
 
 Cleanup: `NetnsLab` records every namespace as soon as it exists and `close()` removes them all (links
 die with their namespace; pod veths are deleted explicitly because an open fd can keep a pod namespace
@@ -38,26 +40,47 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import os
 import re
 import secrets
 import socket
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import TypeVar
 
 from cni.rules import InpodRules, IpFamily
+from loom.lab.network import (
+    COMMAND_TIMEOUT,
+    DEFAULT_NODE_NETWORK,
+    DEFAULT_POD_SUPERNET,
+    NETNS_RUN_DIR,
+    NamedNetns,
+    NetnsCommandError,
+    list_namespaces,
+    run_command,
+    sysctl_path,
+)
 from ztunnel.inpod.netns import NetnsSwitcher
+
+__all__ = [
+    "COMMAND_TIMEOUT",
+    "DEFAULT_NODE_NETWORK",
+    "DEFAULT_POD_SUPERNET",
+    "NETNS_RUN_DIR",
+    "Netns",
+    "NetnsCommandError",
+    "NetnsLab",
+    "Node",
+    "Pod",
+    "apply_inpod_rules",
+    "cleanup_prefix",
+    "list_namespaces",
+    "remove_inpod_rules",
+    "run_command",
+]
 
 T = TypeVar("T")
 
-NETNS_RUN_DIR: Final = "/var/run/netns"
-DEFAULT_NODE_NETWORK: Final = "10.79.0.0/24"
-DEFAULT_POD_SUPERNET: Final = "10.80.0.0/16"
-# Every external command gets this long before it counts as hung.
-COMMAND_TIMEOUT: Final = 10.0
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{2,15}$")
 
@@ -73,33 +96,6 @@ def _testing_switcher() -> NetnsSwitcher:
     return _switcher
 
 
-class NetnsCommandError(RuntimeError):
-    """An `ip`/iptables command failed; carries the command line and its stderr."""
-
-
-def run_command(
-    argv: Sequence[str], *, input: str | None = None, timeout: float = COMMAND_TIMEOUT, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    try:
-        result = subprocess.run(
-            list(argv), input=input, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise NetnsCommandError(f"{' '.join(argv)} did not finish within {timeout} s") from None
-    if check and result.returncode != 0:
-        raise NetnsCommandError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
-    return result
-
-
-def list_namespaces(prefix: str = "") -> list[str]:
-    """Named namespaces (those in /var/run/netns) whose name starts with `prefix`."""
-    try:
-        names = os.listdir(NETNS_RUN_DIR)
-    except FileNotFoundError:
-        return []
-    return sorted(name for name in names if name.startswith(prefix))
-
-
 def cleanup_prefix(prefix: str) -> list[str]:
     """Delete every namespace named `<prefix>-...` (leftovers of a crashed run); returns their names."""
     if not _PREFIX.match(prefix):
@@ -113,21 +109,9 @@ def cleanup_prefix(prefix: str) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
-class Netns:
-    """A named network namespace (/var/run/netns/<name>)."""
-
-    name: str
-
-    @property
-    def path(self) -> str:
-        return os.path.join(NETNS_RUN_DIR, self.name)
-
-    def exists(self) -> bool:
-        return os.path.exists(self.path)
-
-    def open_fd(self) -> int:
-        """A new fd for the namespace (O_CLOEXEC); the caller closes it."""
-        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+class Netns(NamedNetns):
+    """A named network namespace (/var/run/netns/<name>): the production `NamedNetns` (path, `ip -n`,
+    `ip netns exec`) plus what tests need (running Python inside it, sysctls, sockets, iptables)."""
 
     def run(self, fn: Callable[[], T], timeout: float = COMMAND_TIMEOUT) -> T:
         """Run `fn` on a thread switched into this namespace; keep `fn` short (it blocks that thread)."""
@@ -145,37 +129,9 @@ class Netns:
         finally:
             os.close(fd)
 
-    def ip(self, *args: str, check: bool = True) -> str:
-        """`ip -n <name> <args>`; returns stdout."""
-        return run_command(["ip", "-n", self.name, *args], check=check).stdout
-
-    def ip_batch(self, commands: Sequence[str]) -> None:
-        """Several `ip` commands in one process (`ip -n <name> -batch -`), stopping at the first failure."""
-        run_command(["ip", "-n", self.name, "-batch", "-"], input="\n".join(commands) + "\n")
-
-    def ip_json(self, *args: str) -> list[dict[str, Any]]:
-        output = self.ip("-j", *args).strip()
-        parsed = json.loads(output) if output else []
-        if not isinstance(parsed, list):
-            raise NetnsCommandError(f"ip -j {' '.join(args)} in {self.name} did not print a JSON list")
-        return parsed
-
-    def exec(
-        self,
-        argv: Sequence[str],
-        *,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float = COMMAND_TIMEOUT,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the namespace (`ip netns exec`)."""
-        return run_command(
-            ["ip", "netns", "exec", self.name, *argv], input=input, check=check, timeout=timeout
-        )
-
     def sysctl(self, key: str, value: str | int) -> None:
         """Set a (per-namespace) sysctl such as net.ipv4.ip_forward."""
-        path = _sysctl_path(key)
+        path = sysctl_path(key)
 
         def write() -> None:
             with open(path, "w") as handle:
@@ -184,7 +140,7 @@ class Netns:
         self.run(write)
 
     def read_sysctl(self, key: str) -> str:
-        path = _sysctl_path(key)
+        path = sysctl_path(key)
 
         def read() -> str:
             with open(path) as handle:
@@ -252,12 +208,6 @@ class Netns:
             sock.close()
             raise
         return await asyncio.open_connection(sock=sock)
-
-
-def _sysctl_path(key: str) -> str:
-    if not re.fullmatch(r"[a-z0-9_]+(\.[a-z0-9_*-]+)+", key) or not key.startswith("net."):
-        raise ValueError(f"{key!r} is not a per-namespace sysctl name (net.*)")
-    return "/proc/sys/" + key.replace(".", "/")
 
 
 @dataclass(frozen=True, slots=True)

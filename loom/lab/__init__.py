@@ -1,0 +1,1 @@
+"""The local lab: a cluster on one machine from network namespaces."""
