@@ -14,9 +14,22 @@ switcher thread (`ztunnel.inpod.netns.NetnsSwitcher`, setns with the netns fd): 
 `ip` child processes are forked from that thread and therefore start inside the pod's namespace. The
 switcher always returns the thread to the agent's own namespace.
 
+Enrolling a RUNNING pod must not cut the connections it already has. A namespace without netfilter rules
+has no connection tracking at all; the first rules start it, and with the kernel's default
+`nf_conntrack_tcp_loose=1` the next packet of a connection opened before would be picked up mid-stream
+as a NEW connection, REDIRECTed to ztunnel's inbound listener and answered with a reset. So apply sets
+`net.netfilter.nf_conntrack_tcp_loose=0` in the pod's namespace first (a per-namespace sysctl): such
+packets are then left alone and the old connection carries on directly, while every connection opened
+afterwards is tracked from its SYN and captured. The setting stays after release (it only concerns
+connections conntrack did not see begin, which nothing in the pod relies on being picked up).
+
 Every operation is idempotent: apply replaces our chains wholesale and adds the jump/rule/route only
 where missing; remove is a no-op where nothing is installed. Operations on one namespace are serialised
 (the save and the restore are two steps), different namespaces proceed independently.
+
+`NetnsRunner` is that "run blocking work in the namespace at this path" step on its own, shared with the
+node-side probe rules (`cni.agent.host_rules`), which run in the node's namespace: the agent's own (no
+path: a worker thread, no switching) or, when the agent runs outside it, one given by path.
 """
 
 from __future__ import annotations
@@ -24,16 +37,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
-from collections.abc import Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 from cni.rules import InpodRules, IpFamily
 from ztunnel.inpod.netns import NetnsSwitcher
 
+T = TypeVar("T")
+
 COMMAND_TIMEOUT: Final = 10.0
-REQUIRED_TOOLS: Final = ("iptables-save", "iptables-restore", "ip")
+# Opened from the switcher thread, so it is the pod namespace's own copy of the sysctl.
+TCP_LOOSE_SYSCTL: Final = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
 
 
 class RedirectionError(RuntimeError):
@@ -56,18 +71,9 @@ class RedirectionBackend(Protocol):
         ...
 
 
-def check_prerequisites(tools: Sequence[str] = REQUIRED_TOOLS) -> list[str]:
-    """Problems that make the iptables backend unusable here (missing tools, not root), for a clear
-    start-up error instead of a failure on the first pod."""
-    problems = [f"{tool} is not installed (or not on PATH)" for tool in tools if shutil.which(tool) is None]
-    if os.geteuid() != 0:
-        problems.append(
-            "loom-cni-agent must run as root (it enters pod namespaces and writes netfilter rules)"
-        )
-    return problems
-
-
-def _run(argv: Sequence[str], netns_path: str, input: str | None = None) -> str:
+def run_tool(argv: Sequence[str], netns_path: str, input: str | None = None) -> str:
+    """Run one command (in whatever namespace the calling thread is in); stdout, or RedirectionError
+    naming the command, the namespace and the tool's error output."""
     try:
         result = subprocess.run(
             list(argv), input=input, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
@@ -85,8 +91,23 @@ def _run(argv: Sequence[str], netns_path: str, input: str | None = None) -> str:
     return result.stdout
 
 
+def _keep_untracked_connections(netns_path: str) -> None:
+    """nf_conntrack_tcp_loose=0 in the current (pod) namespace; see the module docstring. Without
+    conntrack support in the kernel there is nothing to set (and no NAT either: apply fails later with
+    a clear error)."""
+    try:
+        with open(TCP_LOOSE_SYSCTL, "w") as handle:
+            handle.write("0\n")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise RedirectionError(
+            f"cannot set {TCP_LOOSE_SYSCTL} in {netns_path}: {exc.strerror or exc}"
+        ) from None
+
+
 def _ip_json(netns_path: str, *args: str) -> list[dict[str, Any]]:
-    output = _run(["ip", "-j", *args], netns_path).strip()
+    output = run_tool(["ip", "-j", *args], netns_path).strip()
     parsed = json.loads(output) if output else []
     if not isinstance(parsed, list):
         raise RedirectionError(f"ip -j {' '.join(args)} in {netns_path} did not print a JSON list")
@@ -103,28 +124,35 @@ def _routes_in_table(netns_path: str, family: IpFamily, table: int) -> list[dict
         raise
 
 
-class IptablesBackend:
-    """`RedirectionBackend` with iptables-restore and iproute2 (see the module docstring)."""
+class NetnsRunner:
+    """Runs short blocking work inside a network namespace given by path, or in the agent's own.
 
-    def __init__(
-        self,
-        rules: InpodRules | None = None,
-        families: Sequence[IpFamily] = (IpFamily.V4,),
-        switcher: NetnsSwitcher | None = None,
-    ) -> None:
-        self.rules = rules if rules is not None else InpodRules()
-        self.families = tuple(families)
+    Work for one path is serialised (a read-modify-write of netfilter state is two commands); work for
+    different paths proceeds independently. Pod namespaces are entered on the namespace switcher thread
+    (see the module docstring); `None` means the agent's own namespace and runs on a worker thread."""
+
+    def __init__(self, switcher: NetnsSwitcher | None = None) -> None:
         self._own_switcher = switcher is None
         self._switcher = switcher if switcher is not None else NetnsSwitcher("loom-cni-redirect")
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str | None, asyncio.Lock] = {}
 
     def close(self) -> None:
         if self._own_switcher:
             self._switcher.close()
 
-    async def _inside(self, netns_path: str, what: str, fn: Any, *, missing_ok: bool = False) -> Any:
+    def forget(self, netns_path: str) -> None:
+        """Drop the lock of a namespace that is gone (bounded memory over many pods)."""
+        self._locks.pop(netns_path, None)
+
+    async def run(
+        self, netns_path: str | None, what: str, fn: Callable[[], T], *, missing_ok: bool = False
+    ) -> T | None:
+        """`fn()` inside `netns_path`; None without running it when the namespace is gone and
+        `missing_ok`. Raises RedirectionError naming the namespace and `what` was being done."""
         lock = self._locks.setdefault(netns_path, asyncio.Lock())
         async with lock:
+            if netns_path is None:
+                return await asyncio.to_thread(fn)
             try:
                 fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -144,47 +172,74 @@ class IptablesBackend:
             finally:
                 os.close(fd)
 
+
+class IptablesBackend:
+    """`RedirectionBackend` with iptables-restore and iproute2 (see the module docstring)."""
+
+    def __init__(
+        self,
+        rules: InpodRules | None = None,
+        families: Sequence[IpFamily] = (IpFamily.V4,),
+        switcher: NetnsSwitcher | None = None,
+        *,
+        runner: NetnsRunner | None = None,
+    ) -> None:
+        self.rules = rules if rules is not None else InpodRules()
+        self.families = tuple(families)
+        self._own_runner = runner is None
+        self.runner = runner if runner is not None else NetnsRunner(switcher)
+
+    def close(self) -> None:
+        if self._own_runner:
+            self.runner.close()
+
+    async def _inside(
+        self, netns_path: str, what: str, fn: Callable[[], T], *, missing_ok: bool = False
+    ) -> T | None:
+        return await self.runner.run(netns_path, what, fn, missing_ok=missing_ok)
+
     async def apply(self, netns_path: str) -> None:
         def work() -> None:
+            _keep_untracked_connections(netns_path)
             for family in self.families:
-                current = _run([family.save_command], netns_path)
+                current = run_tool([family.save_command], netns_path)
                 restore = self.rules.iptables_restore(family, current)
                 if restore:
-                    _run([family.restore_command, "--noflush"], netns_path, input=restore)
+                    run_tool([family.restore_command, "--noflush"], netns_path, input=restore)
                 policy_rule = self.rules.policy_rule(family)
                 if not policy_rule.found_in(_ip_json(netns_path, family.ip_flag, "rule", "show")):
-                    _run(["ip", *policy_rule.ip_args("add")], netns_path)
-                _run(["ip", *self.rules.local_route(family).ip_args("replace")], netns_path)
+                    run_tool(["ip", *policy_rule.ip_args("add")], netns_path)
+                run_tool(["ip", *self.rules.local_route(family).ip_args("replace")], netns_path)
 
         await self._inside(netns_path, "install the redirection", work)
 
     async def remove(self, netns_path: str) -> None:
         def work() -> None:
             for family in self.families:
-                restore = self.rules.removal_restore(family, _run([family.save_command], netns_path))
+                restore = self.rules.removal_restore(family, run_tool([family.save_command], netns_path))
                 if restore:
-                    _run([family.restore_command, "--noflush"], netns_path, input=restore)
+                    run_tool([family.restore_command, "--noflush"], netns_path, input=restore)
                 policy_rule = self.rules.policy_rule(family)
                 # Bounded: each pass deletes one copy; a namespace never holds more than a few.
                 for _ in range(16):
                     if not policy_rule.found_in(_ip_json(netns_path, family.ip_flag, "rule", "show")):
                         break
-                    _run(["ip", *policy_rule.ip_args("del")], netns_path)
+                    run_tool(["ip", *policy_rule.ip_args("del")], netns_path)
                 route = self.rules.local_route(family)
                 routes = _routes_in_table(netns_path, family, route.table)
                 if route.found_in(routes):
-                    _run(["ip", *route.ip_args("del")], netns_path)
+                    run_tool(["ip", *route.ip_args("del")], netns_path)
 
         try:
             await self._inside(netns_path, "remove the redirection", work, missing_ok=True)
         finally:
-            self._locks.pop(netns_path, None)
+            self.runner.forget(netns_path)
 
     async def verify(self, netns_path: str) -> tuple[str, ...]:
         def work() -> tuple[str, ...]:
             problems: list[str] = []
             for family in self.families:
-                problems.extend(self.rules.verify(family, _run([family.save_command], netns_path)))
+                problems.extend(self.rules.verify(family, run_tool([family.save_command], netns_path)))
                 policy_rule = self.rules.policy_rule(family)
                 if not policy_rule.found_in(_ip_json(netns_path, family.ip_flag, "rule", "show")):
                     problems.append(f"policy rule missing: ip {' '.join(policy_rule.ip_args('add'))}")
@@ -194,5 +249,6 @@ class IptablesBackend:
                     problems.append(f"route missing: ip {' '.join(route.ip_args('replace'))}")
             return tuple(problems)
 
-        result: tuple[str, ...] = await self._inside(netns_path, "verify the redirection", work)
+        result = await self._inside(netns_path, "verify the redirection", work)
+        assert result is not None  # a missing namespace raised instead
         return result

@@ -12,6 +12,10 @@ connection is *ready*. `add` goes to the NEWEST ready connection (during a ztunn
 process takes over new pods; the old one is draining), `del` goes to ALL ready connections (either may
 still run a proxy for the pod).
 
+After each completed snapshot the server calls `on_snapshot` (when set) with every pod's ack error
+("" = accepted), so the agent learns which pods a newly connected ztunnel took over (a pod that was
+"pending" because no ztunnel was there becomes enrolled this way).
+
 One exchange is in flight at a time per server (a lock), so an ack is always read by the request that
 waits for it. Every send and ack wait is bounded by `io_timeout`; a connection that fails, times out or
 sends garbage is closed and forgotten (ztunnel reconnects and gets a fresh snapshot). A keepalive task
@@ -28,7 +32,7 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -56,6 +60,11 @@ DEFAULT_KEEPALIVE_INTERVAL: Final = 1.0
 
 class ZtunnelUnavailable(ConnectionError):
     """No ztunnel connection has completed its snapshot; the caller should report "retry"."""
+
+
+class NamespaceUnavailable(OSError):
+    """The pod's network namespace could not be opened (its sandbox is gone): nothing was sent, and the
+    connection to ztunnel is fine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +119,12 @@ async def exchange(sock: socket.socket, request: Request, netns_path: str | None
     fds: list[int] = []
     try:
         if netns_path is not None:
-            fds.append(os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC))
+            try:
+                fds.append(os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                raise NamespaceUnavailable(
+                    exc.errno, f"cannot open the pod's network namespace {netns_path}: {exc.strerror}"
+                ) from None
         async with asyncio.timeout(io_timeout):
             await send_datagram(sock, encode_request(request), fds)
             response = await asyncio.get_running_loop().sock_recv(sock, MAX_DATAGRAM)
@@ -139,6 +153,8 @@ class ZdsServer:
         self.mode = mode
         self.pods: dict[str, ZdsPod] = {}  # what the next snapshot contains, by uid
         self.connections: list[ZtunnelConnection] = []  # open connections, oldest first
+        # Called after each completed snapshot with {uid: ack error} ("" = accepted); must not block.
+        self.on_snapshot: Callable[[Mapping[str, str]], None] | None = None
         self._accepted = 0
         self._server: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -155,7 +171,12 @@ class ZdsServer:
     @property
     def ready(self) -> bool:
         """Whether at least one ztunnel has completed its snapshot (adds can be delivered)."""
-        return any(c.ready and not c.closed for c in self.connections)
+        return self.ready_connections > 0
+
+    @property
+    def ready_connections(self) -> int:
+        """Open ztunnel connections that completed their snapshot (2 during a rolling update)."""
+        return sum(1 for c in self.connections if c.ready and not c.closed)
 
     async def start(self) -> None:
         parent = os.path.dirname(self.socket_path)
@@ -232,6 +253,7 @@ class ZdsServer:
             version = decode_hello(hello)
             if version != zds_pb2.V1:
                 raise ProtocolError(f"ztunnel announced protocol version {version}, this agent speaks V1")
+            results: dict[str, str] = {}
             async with self._lock:
                 for pod in list(self.pods.values()):
                     request: Request = (
@@ -239,7 +261,11 @@ class ZdsServer:
                         if pod.netns_path is not None
                         else KeepWorkload(pod.uid)
                     )
-                    error = await self._exchange(connection, request, pod.netns_path)
+                    try:
+                        error = await self._exchange(connection, request, pod.netns_path)
+                    except NamespaceUnavailable as exc:
+                        error = str(exc)  # a sandbox deleted behind our back must not cost the others
+                    results[pod.uid] = error
                     if error:
                         log.warning(
                             "ztunnel %d rejected pod %s in the snapshot: %s",
@@ -253,19 +279,26 @@ class ZdsServer:
                         "ztunnel %d reported a problem with the snapshot: %s", connection.number, error
                     )
                 connection.ready = True
-            log.info(
-                "ztunnel connection %d ready (%d pods in its snapshot)", connection.number, len(self.pods)
-            )
+            log.info("ztunnel connection %d ready (%d pods in its snapshot)", connection.number, len(results))
         except (OSError, TimeoutError, ProtocolError) as exc:
             self._drop(connection, f"failed during hello/snapshot: {exc}")
+        else:
+            if self.on_snapshot is not None:
+                try:
+                    self.on_snapshot(results)
+                except Exception:  # a consumer bug must not cost the connection
+                    log.exception("the snapshot callback failed")
         await self._notify()
 
     async def _exchange(self, connection: ZtunnelConnection, request: Request, netns_path: str | None) -> str:
         """Send one request (adds carry a fresh fd of `netns_path`) and return its ack's error text.
 
-        Any failure closes the connection and is raised (OSError, TimeoutError or ProtocolError)."""
+        Any failure closes the connection and is raised (OSError, TimeoutError or ProtocolError), except
+        NamespaceUnavailable: nothing was sent, so the connection stays usable."""
         try:
             error = await exchange(connection.sock, request, netns_path, self.io_timeout)
+        except NamespaceUnavailable:
+            raise
         except BaseException as exc:
             self._drop(connection, f"{type(request).__name__} failed: {exc!r}")
             raise
@@ -290,8 +323,9 @@ class ZdsServer:
     async def add(self, uid: str, info: WorkloadInfo, netns_path: str) -> str:
         """Record the pod for future snapshots and send `add` to the newest ready connection.
 
-        Returns ztunnel's ack error ("" on success). Raises ZtunnelUnavailable when no ztunnel is ready
-        or the exchange failed (the pod stays recorded: the next snapshot carries it)."""
+        Returns ztunnel's ack error ("" on success), or why the pod's namespace could not be sent.
+        Raises ZtunnelUnavailable when no ztunnel is ready or the exchange failed (the pod stays
+        recorded: the next snapshot carries it)."""
         self.pods[uid] = ZdsPod(uid, info, netns_path)
         async with self._lock:
             ready = [c for c in self.connections if c.ready and not c.closed]
@@ -299,6 +333,8 @@ class ZdsServer:
                 raise ZtunnelUnavailable("no ztunnel connection")
             try:
                 return await self._exchange(ready[-1], AddWorkload(uid, info, -1), netns_path)
+            except NamespaceUnavailable as exc:
+                return str(exc)
             except (OSError, TimeoutError, ProtocolError) as exc:
                 raise ZtunnelUnavailable(f"ztunnel connection failed during add: {exc!r}") from exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import pytest
@@ -51,6 +52,36 @@ async def test_apply_verify_remove_idempotent(lab: NetnsLab) -> None:
         # The agent's own namespace was never touched.
         assert "ISTIO" not in _host_save()
     finally:
+        backend.close()
+
+
+async def test_connection_opened_before_apply_survives(lab: NetnsLab) -> None:
+    """Enrolling a running pod must not cut what it already has open: the first rules start connection
+    tracking in the pod, and a mid-stream pick-up of the old connection would be REDIRECTed to the
+    inbound listener and reset (the backend sets nf_conntrack_tcp_loose=0 in the pod to prevent it)."""
+    node = lab.add_node("n1")
+    client, server = lab.add_pod(node, "client"), lab.add_pod(node, "server")
+    backend = IptablesBackend()
+    listener = server.netns.listen("0.0.0.0", 8080)
+    inbound = client.netns.listen("0.0.0.0", 15006)  # where ztunnel's inbound listener would be
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await client.netns.open_connection(server.address, 8080)
+        accepted, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
+        try:
+            await backend.apply(client.netns.path)
+            assert client.netns.read_sysctl("net.netfilter.nf_conntrack_tcp_loose") == "0"
+            await loop.sock_sendall(accepted, b"hello\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
+            writer.write(b"back")
+            await writer.drain()
+            assert await asyncio.wait_for(loop.sock_recv(accepted, 16), 5) == b"back"
+        finally:
+            writer.close()
+            accepted.close()
+    finally:
+        listener.close()
+        inbound.close()
         backend.close()
 
 

@@ -105,7 +105,7 @@ async def test_unknown_pod_and_failed_rules_ask_for_retry(zds_path: str) -> None
     backend = RecordingBackend()
     async with ZdsServer(zds_path) as server, ztunnel(zds_path) as (_, manager):
         await server.wait_ready(WAIT)
-        agent = NodeAgent(directory(), backend, server)
+        agent = NodeAgent(directory(), backend, server, unknown_pod_wait=0.05)
         unknown = await agent.handle(request(RequestKind.ADD, "mesh", "ghost"))
         assert unknown.outcome is Outcome.ERROR and unknown.retry and "not known" in unknown.message
         backend.fail_apply = True
@@ -141,6 +141,7 @@ async def test_agent_restart_keeps_ztunnel_proxies(zds_path: str, tmp_path: Path
             assert (await first.handle(request(RequestKind.ADD, "mesh", "a"))).outcome is Outcome.ENROLLED
             assert "uid-a" in manager.running
         # The agent is gone; ztunnel keeps serving and reconnects. A sandbox deleted meanwhile:
+        first.known["c9"] = gone
         first.captured["c9"] = CapturedPod("uid-gone", gone)
         first._persist()
         second = NodeAgent(

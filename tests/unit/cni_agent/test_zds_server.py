@@ -111,3 +111,20 @@ async def test_bad_hello_drops_only_that_connection(zds_path: str) -> None:
             await loop.sock_sendall(good, encode_hello())
             # Empty pod list: the snapshot is just snapshot_sent.
             assert await asyncio.wait_for(loop.sock_recv(good, 1024), WAIT) != b""
+
+
+async def test_snapshot_reports_each_pod_and_survives_a_vanished_namespace(zds_path: str) -> None:
+    reports: list[dict[str, str]] = []
+    async with ZdsServer(zds_path) as server:
+        server.on_snapshot = lambda results: reports.append(dict(results))
+        server.pods["u1"] = ZdsPod("u1", info("alive"), NETNS)
+        server.pods["gone"] = ZdsPod("gone", info("deleted"), "/proc/self/ns/no-such-namespace")
+        async with ztunnel(zds_path) as (_, manager):
+            await server.wait_ready(WAIT)
+            assert server.ready_connections == 1
+            assert "u1" in manager.running
+            assert reports[0]["u1"] == "" and "cannot open the pod's network namespace" in reports[0]["gone"]
+            # An add for a vanished sandbox is reported, the connection stays.
+            error = await server.add("u2", info("late"), "/proc/self/ns/no-such-namespace")
+            assert "cannot open" in error and server.ready
+            assert await server.add("u3", info("fine"), NETNS) == ""
