@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loom.cli import demo, validate, ztunnel_config
+from loom.cli import config_cmds, demo, lab, validate, ztunnel_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,12 +19,22 @@ def build_parser() -> argparse.ArgumentParser:
     validate.register(commands)
     demo.register(commands)
     ztunnel_config.register(commands)
+    lab.register(commands)
+    config_cmds.register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" belongs to the command being run (`lab exec ... -- CMD`), as with
+    # kubectl: split it off before argparse, which would otherwise mix it with loomctl's options.
+    passthrough: list[str] = []
+    if "--" in words:
+        at = words.index("--")
+        words, passthrough = words[:at], words[at + 1 :]
+    args = parser.parse_args(words)
+    args.passthrough = passthrough
     code: int = args.run(args)
     return code
 

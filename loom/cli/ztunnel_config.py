@@ -11,9 +11,9 @@ flat ``connections`` section it reads the connections from ``workloadState``.
 
 `short` output prints istioctl's columns (a Go-tabwriter-style table, single-space padding); `json`
 and `yaml` print the section (filtered) or, for `all`, the whole dump. ``--node`` asks a resolver for
-the node's admin address; the default resolver reads the lab's node file named by ``LOOM_LAB_NODES``
-(a JSON object ``{"node": "host:port"}``), and `register` takes another resolver when the lab provides
-one.
+the node's admin address; the default resolver asks the running lab (entering the node's network
+namespace, where the admin port listens on loopback) or reads the node file named by ``LOOM_LAB_NODES``
+(a JSON object ``{"node": "host:port"}``); `register` takes another resolver.
 """
 
 from __future__ import annotations
@@ -77,10 +77,20 @@ NodeResolver = Callable[[str, Mapping[str, str]], str]
 
 
 def lab_node_resolver(node: str, env: Mapping[str, str]) -> str:
-    """The admin address of `node` from the lab's node file ($LOOM_LAB_NODES: {"node": "host:port"})."""
+    """The admin address of `node`: from the node file named by $LOOM_LAB_NODES when set
+    (``{"node": "host:port"}``), otherwise from the running lab (loomctl lab up).
+
+    A lab node's ztunnel serves its admin port on the node's own loopback, as in a Kubernetes node's
+    ztunnel pod, and the root namespace has no route into the lab; so this short-lived command moves
+    its main thread into the node's network namespace and talks to 127.0.0.1 there."""
     path = env.get(LAB_NODES_ENV, "")
     if not path:
-        raise ZtunnelConfigError("--node needs the lab (loomctl lab up) or --admin-address")
+        from loom.lab.cluster import Cluster, LabError, lab_dir_from_env
+
+        try:
+            return Cluster(lab_dir_from_env(env)).enter_node_netns(node)
+        except LabError as e:
+            raise ZtunnelConfigError(f"--node: {e} (or use --admin-address)") from e
     try:
         nodes = json.loads(Path(path).read_text())
     except OSError as e:

@@ -388,11 +388,13 @@ def parse_with_resolver(resolver: ztunnel_config.NodeResolver, argv: Sequence[st
 
 
 def test_lab_node_resolver(tmp_path: Path) -> None:
-    with pytest.raises(
-        ztunnel_config.ZtunnelConfigError,
-        match=r"^--node needs the lab \(loomctl lab up\) or --admin-address$",
-    ):
-        ztunnel_config.lab_node_resolver("node-a", {})
+    no_lab = {"LOOM_LAB_DIR": str(tmp_path)}
+    with pytest.raises(ztunnel_config.ZtunnelConfigError) as raised:
+        ztunnel_config.lab_node_resolver("node-a", no_lab)
+    assert str(raised.value) == (
+        f"--node: no lab is up (no {tmp_path.resolve()}/lab.json); run `loomctl lab up` first "
+        "(or use --admin-address)"
+    )
     nodes = tmp_path / "nodes.json"
     env = {ztunnel_config.LAB_NODES_ENV: str(nodes)}
     with pytest.raises(ztunnel_config.ZtunnelConfigError, match="cannot read the lab node file"):
@@ -424,10 +426,11 @@ async def test_node_flag_goes_through_the_resolver(
     assert capsys.readouterr().out == POLICIES
 
     without_lab = parse_with_resolver(
-        lambda node, _env: ztunnel_config.lab_node_resolver(node, {}), ["zc", "w", "--node", "node-a"]
+        lambda node, _env: ztunnel_config.lab_node_resolver(node, {"LOOM_LAB_DIR": str(tmp_path)}),
+        ["zc", "w", "--node", "node-a"],
     )
     assert without_lab.run(without_lab) == 1
-    assert capsys.readouterr().err == "Error: --node needs the lab (loomctl lab up) or --admin-address\n"
+    assert capsys.readouterr().err.startswith("Error: --node: no lab is up")
 
 
 async def test_log_subcommand(harness: AdminHarness, capsys: pytest.CaptureFixture[str]) -> None:
