@@ -36,7 +36,7 @@ from typing import Any
 
 from loom.cli import demo_control_plane
 from loom.lab.cluster import Cluster, LabError, PodRecord, http_get_in_netns, lab_dir_from_env
-from loom.lab.network import list_namespaces
+from loom.lab.network import check_prerequisites, list_namespaces
 
 NAMESPACE = "default"
 AMBIENT_LABEL = "istio.io/dataplane-mode"
@@ -111,6 +111,8 @@ def preflight(samples: Path) -> list[str]:
             problems.append(f"`{tool}` is not installed (make demo installs it: iproute2, iptables, tcpdump)")
     if not (samples / "istio" / "bookinfo.yaml").is_file():
         problems.append(f"the Istio samples are not at {samples} (pass --samples DIR)")
+    if not problems:  # root and tools present: probe the kernel (netfilter tables, veth, namespaces)
+        problems += check_prerequisites()
     return problems
 
 
@@ -223,6 +225,17 @@ class Demo:
         if code != 0:
             raise DemoFailed(f"`loomctl {' '.join(argv)}` exited {code}")
 
+    def access_log_lines(self, *needles: str) -> list[str]:
+        """Lines of the nodes' ztunnel logs (the access log goes there) that contain every needle."""
+        lines: list[str] = []
+        for node in self.cluster.require_state().nodes:
+            try:
+                text = self.cluster.log_path(f"ztunnel/{node}").read_text(errors="replace")
+            except OSError:
+                continue
+            lines += [line for line in text.splitlines() if all(n in line for n in needles)]
+        return lines
+
     def redirection(self) -> dict[str, str]:
         return {p.name: p.redirection for p in self.cluster.status().pods if p.namespace == NAMESPACE}
 
@@ -307,6 +320,9 @@ class Demo:
         eventually(lambda: not self.call(ratings, count=1).ok, "ratings -> reviews denied")
         denied = self.call(ratings, count=3)
         check(not denied.ok and not denied.answers, "ratings (sa bookinfo-ratings) -> reviews is denied")
+        refusals = self.access_log_lines('direction="inbound"', "policy_denied", "sa/bookinfo-ratings")
+        check(bool(refusals), "the reviews side's ztunnel logged the refusal (policy_denied)")
+        show(_shorten(refusals[-1]))
         allowed = self.call(productpage)
         check(
             allowed.ok and len(allowed.answers) == CALLS,
@@ -331,6 +347,16 @@ class Demo:
         finally:
             dump = "".join(c.stop() for c in captures)
         return result, dump
+
+
+def _shorten(
+    line: str, keep: tuple[str, ...] = ("src.identity", "dst.workload", "direction", "error")
+) -> str:
+    """An access log line reduced to the fields a reader needs (the timestamp and message stay)."""
+    words = line.split("\t")
+    head = " ".join(words[:4]) if len(words) >= 4 else line
+    fields = [f for f in re.findall(r'(\S+?=(?:"[^"]*"|\S+))', line) if f.split("=", 1)[0] in keep]
+    return head.split(" src.")[0] + "\n  " + "\n  ".join(fields)
 
 
 def _excerpt(dump: str, needle: str, lines: int = 3) -> str:

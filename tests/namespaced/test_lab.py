@@ -232,6 +232,53 @@ def test_stopped_ztunnel_fails_closed_and_lab_up_recovers_it(cluster: Cluster) -
     assert ok and len(answers) == 10
 
 
+def test_agent_restart_keeps_enrolled_traffic_flowing(cluster: Cluster) -> None:
+    assert set(redirection(cluster).values()) == {"enabled"}  # still enrolled by the previous test
+    client = subprocess.Popen(  # a bounded client loop through the agent's stop and restart
+        ["ip", "netns", "exec", pod(cluster, "client").netns, sys.executable, "-m", "loom.lab.workload",
+         "call", "http://echo/", "--count", "200", "--timeout", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for node in ("node-1", "node-2"):
+            os.kill(cluster.require_state().processes[f"agent/{node}"].pid, signal.SIGTERM)
+        eventually(lambda: not any(n.agent_running for n in cluster.status().nodes), "agents stopped")
+        cluster.up([], 2, lambda line: None)  # restarts the agents; they restore their captured pods
+        assert all(n.agent_running and n.ztunnel_ready for n in cluster.status().nodes)
+    finally:
+        out, err = client.communicate(timeout=120)
+    answers = [a for a in map(json.loads, out.splitlines()) if a.get("ok")]
+    assert client.returncode == 0 and len(answers) == 200, err[-2000:]
+    assert set(redirection(cluster).values()) == {"enabled"}
+    before = sum(mtls_connections(cluster, n, "echo") for n in ("node-1", "node-2"))
+    assert call(cluster, "client", "http://echo/")[0]
+    assert sum(mtls_connections(cluster, n, "echo") for n in ("node-1", "node-2")) >= before + 10
+
+
+def test_a_pod_can_run_a_command_instead_of_the_workload(cluster: Cluster, tmp_path: Path) -> None:
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "shell", "namespace": NS, "annotations": {"lab.loom.io/command": "sleep 600"}},
+        "spec": {"containers": [{"name": "shell", "image": "x"}]},
+    }
+    path = tmp_path / "shell.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert ctl(cluster, "apply", "-f", str(path)) == 0
+    record = cluster.require_state().pods[f"{NS}/shell"]
+    assert record.process is not None
+    cmdline = Path(f"/proc/{record.process.pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[:3] == [b"/bin/sh", b"-c", b"sleep 600"]
+    # The command runs inside the pod's network namespace (same namespace inode).
+    assert (
+        os.stat(f"/proc/{record.process.pid}/ns/net").st_ino
+        == os.stat(f"/var/run/netns/{record.netns}").st_ino
+    )
+    eventually(lambda: redirection(cluster).get("shell") == "enabled", "the new pod captured at creation")
+    assert ctl(cluster, "delete", "-f", str(path)) == 0
+    assert f"{NS}/shell" not in cluster.require_state().pods
+
+
 def test_ztunnel_config_reads_a_lab_node(cluster: Cluster) -> None:
     env = {**os.environ, "LOOM_LAB_DIR": str(cluster.lab_dir), "LOOM_LAB_PREFIX": cluster.prefix}
     result = subprocess.run(
