@@ -21,7 +21,6 @@ down (unless --keep). `--control-plane` runs the control-plane walk-through with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -30,12 +29,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loom.cli import demo_control_plane
-from loom.lab.cluster import Cluster, LabError, PodRecord, http_get_in_netns, lab_dir_from_env
+from loom.lab.cluster import (
+    CallOutcome,
+    Cluster,
+    LabError,
+    PodRecord,
+    call_from_netns,
+    http_get_in_netns,
+    lab_dir_from_env,
+)
 from loom.lab.network import check_prerequisites, list_namespaces
 
 NAMESPACE = "default"
@@ -142,13 +148,6 @@ def eventually(test: Callable[[], bool], what: str, timeout: float = STEP_TIMEOU
         time.sleep(0.2)
 
 
-@dataclass(frozen=True)
-class CallResult:
-    ok: bool
-    answers: list[dict[str, Any]]
-    output: str
-
-
 class Capture:
     """tcpdump on a pod's node-side veth, bounded in packets and time; stopped with SIGINT."""
 
@@ -195,19 +194,8 @@ class Demo:
                 return record
         raise DemoFailed(f"no {app} pod in the lab")
 
-    def call(self, source: PodRecord, url: str = REVIEWS_URL, count: int = CALLS) -> CallResult:
-        argv = ["ip", "netns", "exec", source.netns, sys.executable, "-m", "loom.lab.workload", "call", url,
-                "--count", str(count), "--timeout", "3"]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-        answers = []
-        for line in result.stdout.splitlines():
-            try:
-                answer = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(answer, dict) and answer.get("ok"):
-                answers.append(answer)
-        return CallResult(result.returncode == 0, answers, (result.stdout + result.stderr).strip())
+    def call(self, source: PodRecord, url: str = REVIEWS_URL, count: int = CALLS) -> CallOutcome:
+        return call_from_netns(source.netns, url, count)
 
     def metrics(self, node: str) -> str:
         state = self.cluster.require_state()
@@ -339,7 +327,7 @@ class Demo:
         check(direct.ok and len(direct.answers) == CALLS, f"{CALLS} calls answered directly", direct.output)
         check("GET /reviews/0" in dump and ".15008 " not in dump, "plaintext on the wire again, no HBONE")
 
-    def captured_calls(self, source: PodRecord, targets: list[PodRecord]) -> tuple[CallResult, str]:
+    def captured_calls(self, source: PodRecord, targets: list[PodRecord]) -> tuple[CallOutcome, str]:
         state = self.cluster.require_state()
         captures = [Capture(self.cluster.node_net(state, t.node).netns, t.host_veth) for t in targets]
         try:

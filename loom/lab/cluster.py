@@ -160,6 +160,15 @@ class LabState:
 
 
 @dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """What `loom.lab.workload call` run inside a pod reported."""
+
+    ok: bool  # every attempt succeeded
+    answers: list[dict[str, Any]]  # the successful attempts (pod, namespace, status, ...)
+    output: str  # everything it printed, for error messages
+
+
+@dataclass(frozen=True, slots=True)
 class PodStatus:
     namespace: str
     name: str
@@ -773,6 +782,23 @@ def service_vips(
                     ServiceVip(ipaddress.ip_address(cluster_ip), port.port, "tcp", tuple(sorted(backends)))
                 )
     return vips
+
+
+def call_from_netns(netns: str, url: str, count: int = 1, timeout: float = 3.0) -> CallOutcome:
+    """Run the built-in client inside `netns` (as `loomctl lab exec POD -- ... call` would)."""
+    argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "loom.lab.workload", "call", url,
+            "--count", str(count), "--timeout", f"{timeout:g}"]  # fmt: skip
+    limit = 10 + count * (timeout + 1)  # bounded whatever the client does
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=limit, check=False)
+    answers: list[dict[str, Any]] = []
+    for line in result.stdout.splitlines():
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(answer, dict) and answer.get("ok"):
+            answers.append(answer)
+    return CallOutcome(result.returncode == 0, answers, (result.stdout + result.stderr).strip())
 
 
 def _target_port(target: int | str, port: int, spec: PodTemplate) -> int:

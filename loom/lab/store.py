@@ -57,7 +57,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
@@ -73,7 +72,15 @@ from typing import Any, Final
 import yaml
 
 from loom.resources.diagnostics import Diagnostic, Severity
-from loom.resources.loader import CONFIG_SUFFIXES, MAX_FILE_BYTES, LoadResult, check_object, load_paths
+from loom.resources.loader import (
+    CONFIG_SUFFIXES,
+    MAX_FILE_BYTES,
+    JsonInputError,
+    LoadResult,
+    check_object,
+    load_paths,
+    parse_json,
+)
 from loom.resources.model import KINDS, ConfigSnapshot, Origin, ResourceKey
 from loom.resources.parse_common import (
     Problems,
@@ -85,7 +92,7 @@ from loom.resources.parse_common import (
     read_metadata,
     type_name,
 )
-from loom.resources.parse_yaml import MAX_DEPTH, read_documents
+from loom.resources.parse_yaml import read_documents
 
 __all__ = [
     "CONFIG_SUBDIR",
@@ -568,46 +575,11 @@ def _text_inputs(text: str, source: str, *, is_json: bool) -> list[_Input]:
     return items
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: builtins.list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in result:
-            raise _DuplicateKey(k)  # a silently dropped duplicate could be `action: DENY`
-        result[k] = v
-    return result
-
-
-def _deeper_than(value: object, limit: int) -> bool:
-    stack: builtins.list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return False
-
-
 def _parse_json(text: str, source: str) -> object:
     try:
-        value = json.loads(text, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as exc:
-        return _error(f"line {exc.lineno} column {exc.colno}: {exc.msg}", source)
-    except _DuplicateKey as exc:
-        return _error(f"duplicate key {exc.args[0]!r}", source)
-    except RecursionError:
-        return _error(f"nesting deeper than {MAX_DEPTH} levels", source)
-    except ValueError as exc:  # e.g. an integer longer than Python's int parsing limit
+        return parse_json(text)
+    except JsonInputError as exc:
         return _error(str(exc), source)
-    if _deeper_than(value, MAX_DEPTH):
-        return _error(f"nesting deeper than {MAX_DEPTH} levels", source)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------

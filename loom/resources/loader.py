@@ -301,21 +301,9 @@ class _Loader:
 
     def add_json(self, text: str, source: str) -> None:
         try:
-            value = json.loads(text, object_pairs_hook=_json_object)
-        except json.JSONDecodeError as exc:
-            self.error(f"line {exc.lineno} column {exc.colno}: {exc.msg}", Origin(source))
-            return
-        except _DuplicateJsonKey as exc:
-            self.error(f"duplicate key {exc.args[0]!r}", Origin(source))
-            return
-        except RecursionError:
-            self.error(f"nesting deeper than {MAX_DEPTH} levels", Origin(source))
-            return
-        except ValueError as exc:  # e.g. an integer longer than Python's int parsing limit
+            value = parse_json(text)
+        except JsonInputError as exc:
             self.error(str(exc), Origin(source))
-            return
-        if _depth_exceeds(value, MAX_DEPTH):
-            self.error(f"nesting deeper than {MAX_DEPTH} levels", Origin(source))
             return
         self.add_document(value, Origin(source, 1))
 
@@ -349,8 +337,30 @@ class _Loader:
         self.objects[key] = obj
 
 
+class JsonInputError(ValueError):
+    """A JSON text loom refuses; the message says why (and where, for syntax errors)."""
+
+
 class _DuplicateJsonKey(Exception):
     pass
+
+
+def parse_json(text: str) -> object:
+    """JSON with loom's input rules: duplicate keys are errors (a silently dropped duplicate could be
+    `action: DENY`), and nesting is bounded by MAX_DEPTH. Raises JsonInputError."""
+    try:
+        value = json.loads(text, object_pairs_hook=_json_object)
+    except json.JSONDecodeError as exc:
+        raise JsonInputError(f"line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except _DuplicateJsonKey as exc:
+        raise JsonInputError(f"duplicate key {exc.args[0]!r}") from exc
+    except RecursionError as exc:
+        raise JsonInputError(f"nesting deeper than {MAX_DEPTH} levels") from exc
+    except ValueError as exc:  # e.g. an integer longer than Python's int parsing limit
+        raise JsonInputError(str(exc)) from exc
+    if _depth_exceeds(value, MAX_DEPTH):
+        raise JsonInputError(f"nesting deeper than {MAX_DEPTH} levels")
+    return value
 
 
 def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from loom.cli.main import main as loomctl
-from loom.lab.cluster import Cluster, http_get_in_netns
+from loom.lab.cluster import Cluster, call_from_netns, http_get_in_netns
 from loom.lab.network import list_namespaces
 from loom.lab.processes import marked_pids
 
@@ -109,19 +109,8 @@ def pod(cluster: Cluster, app: str) -> Any:
 
 
 def call(cluster: Cluster, source: str, url: str, count: int = 10) -> tuple[bool, list[dict[str, Any]]]:
-    netns = pod(cluster, source).netns
-    argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "loom.lab.workload", "call", url,
-            "--count", str(count), "--timeout", "3"]  # fmt: skip
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    answers = []
-    for line in result.stdout.splitlines():
-        try:
-            answer = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(answer, dict) and answer.get("ok"):
-            answers.append(answer)
-    return result.returncode == 0, answers
+    outcome = call_from_netns(pod(cluster, source).netns, url, count)
+    return outcome.ok, outcome.answers
 
 
 def redirection(cluster: Cluster) -> dict[str, str]:
