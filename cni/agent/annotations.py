@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cni.agent.reconcile import REDIRECTION_ANNOTATION, RetryPolicy, RetrySchedule, annotation_writes
+from controller.sources.kubernetes import KubernetesApiError, KubernetesError, KubernetesSource
+from loom.resources.model import ResourceKey
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,25 @@ class StoreAnnotator:
 
     async def annotate(self, namespace: str, name: str, changes: Mapping[str, str | None]) -> bool:
         return await asyncio.to_thread(self._annotate, namespace, name, changes)
+
+
+class KubernetesAnnotator:
+    """`PodAnnotator` patching pods through the Kubernetes API (a JSON merge patch of the annotations,
+    as Istio's node agent does), with the client of the agent's Kubernetes source."""
+
+    def __init__(self, source: KubernetesSource) -> None:
+        self.source = source
+
+    async def annotate(self, namespace: str, name: str, changes: Mapping[str, str | None]) -> bool:
+        try:
+            await self.source.patch_annotations(ResourceKey("Pod", namespace, name), changes)
+        except KubernetesApiError as exc:
+            if exc.status == 404:
+                return False  # the pod is gone: nothing to annotate
+            raise AnnotationError(f"annotating pod {namespace}/{name}: {exc}") from None
+        except KubernetesError as exc:
+            raise AnnotationError(f"annotating pod {namespace}/{name}: {exc}") from None
+        return True
 
 
 class AnnotationSync:

@@ -12,7 +12,8 @@ order matters for running pods:
    ztunnel that reconnects after an agent restart must get a snapshot listing every pod it serves, or it
    would drain them;
 3. the ZDS server; the reconcile loop; the annotation writer;
-4. the configuration watch (`DirectorySource` over ``--manifests``, full snapshots on every change);
+4. the configuration watch (`DirectorySource` over ``--manifests``, or with ``--kubernetes`` a list+watch
+   of pods and namespaces through `KubernetesSource`; full snapshots on every change);
    each snapshot becomes the agent's `SnapshotDirectory` and triggers a reconcile, which releases pods
    no longer to be enrolled and captures newly labelled ones;
 5. the plugin socket. Readiness is reached once 2, 4 (first snapshot) and 5 are done.
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cni.agent.agent import CapturedStore, NodeAgent, SnapshotDirectory
-from cni.agent.annotations import AnnotationSync, PodAnnotator, StoreAnnotator
+from cni.agent.annotations import AnnotationSync, KubernetesAnnotator, PodAnnotator, StoreAnnotator
 from cni.agent.health import (
     BLOCK_CONFIG,
     BLOCK_PLUGIN_SOCKET,
@@ -48,7 +49,9 @@ from cni.agent.redirect import IptablesBackend, NetnsRunner, RedirectionBackend
 from cni.agent.zds_server import DEFAULT_IO_TIMEOUT, ZdsServer
 from cni.events import serve_plugin_events
 from cni.plugin import DEFAULT_AGENT_SOCKET
+from controller.sources.base import ConfigSource
 from controller.sources.directory import DirectorySource
+from controller.sources.kubernetes import NAMESPACES, PODS, KubernetesSource
 from loom.resources.diagnostics import Diagnostic
 from loom.resources.model import ConfigSnapshot
 from ztunnel.inpod.client import DEFAULT_SOCKET_PATH
@@ -68,6 +71,9 @@ class AgentConfig:
     manifests: tuple[Path, ...] = ()  # Kubernetes YAML files/directories, followed for changes
     state_file: Path = Path(DEFAULT_STATE_FILE)
     annotate_store: Path | None = None  # lab object store root for the redirection annotation
+    # Follow pods and namespaces in the Kubernetes API (and annotate pods there) instead of --manifests.
+    kubernetes: bool = False
+    kubernetes_url: str = ""  # an API server URL (e.g. kubectl proxy); "": in-cluster or kubeconfig
     http_host: str = DEFAULT_HTTP_HOST
     http_port: int = DEFAULT_HTTP_PORT
     host_netns: str | None = None  # the node's netns for the probe SNAT rules; None: our own
@@ -104,8 +110,19 @@ class NodeAgentApp:
             if host_rules is not None
             else HostRulesApplier(self.runner, netns_path=config.host_netns)
         )
+        self.kubernetes: KubernetesSource | None = None
+        if config.kubernetes:
+            # Only pods and namespaces: the enrolment decision needs nothing else.
+            resources = (NAMESPACES, PODS)
+            self.kubernetes = (
+                KubernetesSource.from_url(config.kubernetes_url, resources=resources)
+                if config.kubernetes_url
+                else KubernetesSource.from_environment(resources=resources)
+            )
         if annotator is None and config.annotate_store is not None:
             annotator = StoreAnnotator(config.annotate_store)
+        elif annotator is None and self.kubernetes is not None:
+            annotator = KubernetesAnnotator(self.kubernetes)
         self.annotations = (
             AnnotationSync(annotator, on_error=self.metrics.redirection_errors.inc)
             if annotator is not None
@@ -123,8 +140,12 @@ class NodeAgentApp:
             node=config.node,
             resync_interval=config.resync_interval,
         )
-        self.source = (
-            DirectorySource(list(config.manifests), config.config_debounce) if config.manifests else None
+        self.source: ConfigSource | None = (
+            self.kubernetes
+            if self.kubernetes is not None
+            else DirectorySource(list(config.manifests), config.config_debounce)
+            if config.manifests
+            else None
         )
         self._plugin_server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,7 +168,7 @@ class NodeAgentApp:
             if self.source is not None:
                 self._spawn(self.source.run(self._on_config), "cni-agent-config")
             else:
-                log.warning("no --manifests given: this agent knows no pods and enrols none")
+                log.warning("neither --manifests nor --kubernetes: this agent knows no pods and enrols none")
                 self._on_config(ConfigSnapshot(), ())
             self._plugin_server = await serve_plugin_events(self.config.plugin_socket, self.agent.handle)
             self._blocks[BLOCK_PLUGIN_SOCKET].release()
@@ -194,6 +215,8 @@ class NodeAgentApp:
                 await task
         self._tasks.clear()
         await self.zds.close()
+        if self.kubernetes is not None:
+            await self.kubernetes.aclose()
         await self.http.stop()
         if isinstance(self.backend, IptablesBackend):
             self.backend.close()

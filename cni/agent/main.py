@@ -63,6 +63,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Kubernetes YAML files/directories with the pods and namespaces (watched for changes)",
     )
     parser.add_argument(
+        "--kubernetes",
+        action="store_true",
+        default=env.get(ENV_PREFIX + "KUBERNETES", "").lower() in ("1", "true", "yes"),
+        help="follow pods and namespaces in the Kubernetes API (in-cluster or $KUBECONFIG) and annotate "
+        "pods there, instead of --manifests",
+    )
+    parser.add_argument(
+        "--kubernetes-url",
+        default=env.get(ENV_PREFIX + "KUBERNETES_URL", ""),
+        help="an API server URL to use instead (e.g. `kubectl proxy`'s http://127.0.0.1:8001)",
+    )
+    parser.add_argument(
         "--state-file",
         type=Path,
         default=Path(env.get(ENV_PREFIX + "STATE_FILE", DEFAULT_STATE_FILE)),
@@ -99,6 +111,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         manifests=tuple(args.manifests),
         state_file=args.state_file,
         annotate_store=args.annotate_store,
+        kubernetes=args.kubernetes or bool(args.kubernetes_url),
+        kubernetes_url=args.kubernetes_url,
         http_host=host,
         http_port=port,
         host_netns=args.host_netns,
@@ -108,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def config_problems(config: AgentConfig) -> list[str]:
     """What is wrong with the configuration itself (checked before anything starts)."""
     problems = []
+    if config.kubernetes and config.manifests:
+        problems.append("--kubernetes and --manifests exclude each other: choose one source of pods")
     if config.host_netns is not None and not os.path.exists(config.host_netns):
         problems.append(f"--host-netns {config.host_netns} does not exist")
     return problems

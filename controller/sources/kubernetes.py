@@ -454,6 +454,7 @@ class KubernetesSource:
         *,
         ca_file: str | None = None,
         verify_tls: bool = True,
+        resources: Sequence[ApiResource] = WATCHED_RESOURCES,
     ) -> KubernetesSource:
         """Talk to the API server at `url` (e.g. a `FakeApiServer`, or `kubectl proxy`)."""
 
@@ -466,7 +467,7 @@ class KubernetesSource:
             configuration.verify_ssl = verify_tls
             return k8s_client.ApiClient(configuration)
 
-        return cls(factory, settings)
+        return cls(factory, settings, resources=resources)
 
     @classmethod
     def from_kubeconfig(
@@ -474,6 +475,7 @@ class KubernetesSource:
         path: str | None = None,
         context: str | None = None,
         settings: KubernetesSourceSettings | None = None,
+        resources: Sequence[ApiResource] = WATCHED_RESOURCES,
     ) -> KubernetesSource:
         """Use a kubeconfig file (default: $KUBECONFIG or ~/.kube/config) and context."""
 
@@ -484,10 +486,14 @@ class KubernetesSource:
             )
             return k8s_client.ApiClient(configuration)
 
-        return cls(factory, settings)
+        return cls(factory, settings, resources=resources)
 
     @classmethod
-    def in_cluster(cls, settings: KubernetesSourceSettings | None = None) -> KubernetesSource:
+    def in_cluster(
+        cls,
+        settings: KubernetesSourceSettings | None = None,
+        resources: Sequence[ApiResource] = WATCHED_RESOURCES,
+    ) -> KubernetesSource:
         """Use the pod's service account (the token file is re-read as it rotates)."""
 
         async def factory() -> k8s_client.ApiClient:
@@ -495,17 +501,20 @@ class KubernetesSource:
             k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             return k8s_client.ApiClient(configuration)
 
-        return cls(factory, settings)
+        return cls(factory, settings, resources=resources)
 
     @classmethod
     def from_environment(
-        cls, env: Mapping[str, str] | None = None, settings: KubernetesSourceSettings | None = None
+        cls,
+        env: Mapping[str, str] | None = None,
+        settings: KubernetesSourceSettings | None = None,
+        resources: Sequence[ApiResource] = WATCHED_RESOURCES,
     ) -> KubernetesSource:
         """In-cluster configuration inside a pod (KUBERNETES_SERVICE_HOST is set), else kubeconfig."""
         env = os.environ if env is None else env
         if env.get("KUBERNETES_SERVICE_HOST"):
-            return cls.in_cluster(settings)
-        return cls.from_kubeconfig(env.get("KUBECONFIG") or None, settings=settings)
+            return cls.in_cluster(settings, resources)
+        return cls.from_kubeconfig(env.get("KUBECONFIG") or None, settings=settings, resources=resources)
 
     async def __aenter__(self) -> KubernetesSource:
         return self

@@ -20,6 +20,7 @@ from cni.agent.metrics import AgentMetrics
 from cni.agent.reconcile import REDIRECTION_ANNOTATION
 from cni.events import AgentRequest, Outcome, PodAttachment, RequestKind, call_agent
 from loom.lab.store import LabStore, StoredKey
+from loom.testing.fake_apiserver import FakeApiServer
 from loom.testing.waiting import eventually
 from tests.unit.cni_agent.test_runtime_reconcile import POD_IP, RecordingBackend, RecordingHostRules, settles
 from tests.unit.cni_agent.test_zds_server import NETNS, WAIT, ztunnel
@@ -224,3 +225,59 @@ async def test_app_in_the_lab_configuration(workdir: Path) -> None:
             await eventually(lambda: annotation() is None, within=WAIT, what="annotation removed")
     finally:
         await app.stop()
+
+
+async def test_app_follows_kubernetes_and_annotates_pods_there(workdir: Path) -> None:
+    """--kubernetes: pods and namespaces by list+watch from the API server (the stand-in speaks the
+    real protocol), the redirection annotation written back as a merge patch on the Pod."""
+    async with FakeApiServer() as api:
+        api.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+        api.add(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "web", "namespace": "shop", "uid": "uid-web"},
+                "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "x"}]},
+                "status": {"phase": "Running", "podIP": str(POD_IP)},
+            }
+        )
+        config = AgentConfig(
+            node="n1",
+            plugin_socket=str(workdir / "plugin.sock"),
+            zds_socket=str(workdir / "zds.sock"),
+            state_file=workdir / "state.json",
+            kubernetes=True,
+            kubernetes_url=api.url,
+            http_port=0,
+        )
+        app = NodeAgentApp(config, backend=RecordingBackend(), host_rules=RecordingHostRules())
+        attachment = PodAttachment("shop", "web", "uid-web", "c1", NETNS, "eth0", (POD_IP,))
+        await app.start()
+        try:
+            async with ztunnel(config.zds_socket) as (_, manager):
+                await eventually(lambda: app.readiness.ready, within=WAIT, what="agent ready")
+                await app.zds.wait_ready(WAIT)
+                reply = await app.agent.handle(AgentRequest(RequestKind.ADD, attachment))
+                assert reply.outcome is Outcome.NOT_ENROLLED
+
+                def annotation() -> str | None:
+                    pod = api.get("pods", "shop", "web") or {}
+                    return (pod.get("metadata", {}).get("annotations") or {}).get(REDIRECTION_ANNOTATION)
+
+                namespace = api.get("namespaces", "", "shop")
+                assert namespace is not None
+                namespace["metadata"]["labels"] = {"istio.io/dataplane-mode": "ambient"}
+                api.update(namespace)
+                await eventually(lambda: "uid-web" in manager.running, within=WAIT, what="enrolled")
+                await eventually(lambda: annotation() == "enabled", within=WAIT, what="pod annotated")
+
+                namespace = api.get("namespaces", "", "shop")
+                assert namespace is not None
+                namespace["metadata"]["labels"] = {}
+                api.update(namespace)
+                await eventually(lambda: "uid-web" not in manager.running, within=WAIT, what="released")
+                await eventually(lambda: annotation() is None, within=WAIT, what="annotation removed")
+            patches = [r for r in api.requests if r.method == "PATCH"]
+            assert patches and all(r.path == "/api/v1/namespaces/shop/pods/web" for r in patches)
+        finally:
+            await app.stop()
