@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loom.cli import config_cmds, demo, lab, validate, ztunnel_config
+from loom.cli import config_cmds, demo, lab, validate, waypoint, ztunnel_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     ztunnel_config.register(commands)
     lab.register(commands)
     config_cmds.register(commands)
+    waypoint.register(commands)
     return parser
 
 
