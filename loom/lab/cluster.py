@@ -279,6 +279,7 @@ class Cluster:
             self._start_control_plane(state, progress)
             self._start_nodes(state, progress)
             self.reconcile(state, progress)
+            self._start_manager(state, progress)
             return report
 
     def _build_network(self, state: LabState, progress: Progress) -> None:
@@ -374,6 +375,14 @@ class Cluster:
                         f"{node}'s ztunnel",
                     )
 
+    def _start_manager(self, state: LabState, progress: Progress) -> None:
+        if self._running(state, "manager"):
+            return
+        with _step(progress, "lab manager (reconciles on every change to the store)"):
+            argv = [sys.executable, "-m", "loom.lab.manager", "--lab-dir", str(self.lab_dir),
+                    "--prefix", self.prefix]  # fmt: skip
+            self._spawn(state, "manager", argv, None)
+
     def _node_token(self, node: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "controller.main", "node-token", "--node", node,
@@ -389,7 +398,7 @@ class Cluster:
         state: LabState,
         name: str,
         argv: Sequence[str],
-        netns: str,
+        netns: str | None,
         env: Mapping[str, str] | None = None,
     ) -> ProcessRecord:
         record = spawn(name, argv, netns=netns, log_path=self.log_path(name), lab_id=state.lab_id, env=env)

@@ -81,6 +81,7 @@ from loom.lab.services import (
     check_unique,
     render_removal,
     render_restore,
+    verify,
     vip_addresses,
 )
 
@@ -755,11 +756,13 @@ class LabNetwork:
         ns = self._existing_node_ns(node)
         wanted = {f"{vip}/32" for vip in vip_addresses(ordered)}
         present = self._service_routes(ns)
+        current = ns.exec(["iptables-save"]).stdout
+        if present == wanted and not verify(ordered, current):
+            return  # already in place: the lab manager syncs on every store change
         # Stale routes go first and new ones last, so a VIP never has a route without its rules.
         ns.ip_batch(
             [f"route del {route} proto {SERVICE_ROUTE_PROTOCOL}" for route in sorted(present - wanted)]
         )
-        current = ns.exec(["iptables-save"]).stdout
         ns.exec(
             ["iptables-restore", "-w", str(IPTABLES_WAIT_SECONDS), "--noflush"],
             input=render_restore(ordered, current),

@@ -79,20 +79,21 @@ def spawn(
     name: str,
     argv: Sequence[str],
     *,
-    netns: str,
+    netns: str | None,
     log_path: Path,
     lab_id: str,
     env: Mapping[str, str] | None = None,
 ) -> ProcessRecord:
-    """Start `argv` detached inside `netns`; see the module docstring."""
+    """Start `argv` detached inside `netns` (None: in this process's namespace); see the module docstring."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     environment = {**os.environ, **(env or {}), LAB_MARKER_ENV: lab_id}
     # posix_spawn rather than subprocess.Popen: the process outlives this command, and a Popen object
     # dropped while its child runs is reported as a leak. Our fds are close-on-exec (PEP 446), so the
     # child inherits only the three set up here.
+    command = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
     pid = os.posix_spawnp(
-        "ip",
-        ["ip", "netns", "exec", netns, *argv],
+        command[0],
+        command,
         environment,
         file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
@@ -105,7 +106,7 @@ def spawn(
     started = start_time_of(pid)
     if started is None:
         raise OSError(f"{name} exited at once; see {log_path}")
-    return ProcessRecord(name, pid, started, netns, str(log_path))
+    return ProcessRecord(name, pid, started, netns or "", str(log_path))
 
 
 def marked_pids(lab_id: str) -> list[int]:

@@ -268,6 +268,18 @@ def test_a_pod_can_run_a_command_instead_of_the_workload(cluster: Cluster, tmp_p
     assert f"{NS}/shell" not in cluster.require_state().pods
 
 
+def test_the_lab_manager_acts_on_objects_written_behind_loomctl(cluster: Cluster) -> None:
+    """What the controller's waypoint reconciler does: write a Deployment straight into the store."""
+    deployment = yaml.safe_load(yaml.safe_dump(CONFIG[4]))
+    deployment["metadata"]["name"] = "written"
+    deployment["spec"]["selector"] = {"matchLabels": {"app": "written"}}
+    deployment["spec"]["template"]["metadata"]["labels"] = {"app": "written"}
+    key = cluster.store.put(deployment)
+    eventually(lambda: any(p.name.startswith("written-") and p.running for p in cluster.status().pods), "pod")
+    cluster.store.remove(key)
+    eventually(lambda: not any(p.name.startswith("written-") for p in cluster.status().pods), "pod gone")
+
+
 def test_ztunnel_config_reads_a_lab_node(cluster: Cluster) -> None:
     env = {**os.environ, "LOOM_LAB_DIR": str(cluster.lab_dir), "LOOM_LAB_PREFIX": cluster.prefix}
     result = subprocess.run(
