@@ -12,6 +12,12 @@ Theory of operation
                                 diagnostics logged once each; in Kubernetes mode, AuthorizationPolicy
                                 status conditions written (only when they change)
 
+Waypoints: every translation also yields each waypoint's WaypointConfig (controller/waypoints/xds.py),
+served next to the translation to that waypoint only; waypoints authenticate with their own credential
+(controller/waypoints/auth.py). With `--deploy-waypoints` a reconciler task runs the waypoint Gateways
+(controller/waypoints/reconciler.py) after every snapshot and whenever it asks to be run again: on
+Kubernetes through the API server, in directory mode into the lab store given by `--lab-store`.
+
 Snapshots arriving while a translation runs are coalesced: the worker always translates the newest one
 next, so a burst of N changes costs at most two translations. A translation that raises is logged and
 counted, and the previous state stays served (never an empty one). `/ready` answers 200 only once the
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -40,7 +47,6 @@ import grpc
 from aiohttp import web
 
 from controller.auth import (
-    KubernetesNodeAuthenticator,
     LabNodeAuthenticator,
     NodeAuthenticator,
     TokenReviewer,
@@ -51,6 +57,10 @@ from controller.config import Config, HostPort
 from controller.metrics import ControllerMetrics
 from controller.sources.base import ConfigSource
 from controller.translate import MeshConfig, Translation, Translator
+from controller.waypoints.auth import KubernetesMeshAuthenticator, LabMeshAuthenticator
+from controller.waypoints.desired import LabSettings, WaypointSettings
+from controller.waypoints.reconciler import WaypointReconciler
+from controller.waypoints.xds import WAYPOINT_CONFIG_TYPE_URL, WaypointConfigBuilder
 from controller.xds.resources import ResourceSet, prepare
 from controller.xds.server import XdsServer
 from loom.identity import Identity
@@ -72,6 +82,10 @@ SOURCE_RESTART_SECONDS = (0.5, 30.0)
 ZTUNNEL_CONDITION = "ZtunnelAccepted"
 # Messages longer than this are cut in status conditions (Kubernetes allows 32 KiB; keep it readable).
 MAX_CONDITION_MESSAGE = 1024
+# Where the lab's waypoint credentials are written, under the state directory (never the config dir).
+WAYPOINT_TOKEN_DIR = "waypoint-tokens"
+# A reconcile that raised (a bug: failures are reported, not raised) is tried again after this.
+WAYPOINT_RETRY_SECONDS = 5.0
 # gRPC message limits: CSRs and xDS requests are small; responses are split by the delta state machine.
 _GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", 1024 * 1024),
@@ -121,6 +135,9 @@ class ControllerApp:
         self._serving: ServingCertificate | None = None
         self.authority: CertificateAuthority | None = None
         self.lab_credentials: LabNodeAuthenticator | None = None
+        self.lab_mesh_credentials: LabMeshAuthenticator | None = None
+        self.waypoints: WaypointReconciler | None = None
+        self._waypoint_wake = asyncio.Event()
         self.xds: XdsServer | None = None
         self.grpc_port = 0
         self.http_port = 0
@@ -173,6 +190,9 @@ class ControllerApp:
         ]
         if config.kubernetes:
             self._tasks.append(asyncio.create_task(self._status_writer(), name="policy-status"))
+        if config.deploy_waypoints:
+            self.waypoints = self._make_waypoint_reconciler(source)
+            self._tasks.append(asyncio.create_task(self._waypoint_loop(self.waypoints), name="waypoints"))
         logger.info(
             "controller started",
             extra={
@@ -243,6 +263,12 @@ class ControllerApp:
             raise RuntimeError("node credentials are only issued in directory mode, after start()")
         return self.lab_credentials.issue_node_token(node)
 
+    def issue_waypoint_token(self, namespace: str, name: str) -> str:
+        """A lab credential for the waypoint of Gateway `namespace`/`name` (directory mode only)."""
+        if self.lab_mesh_credentials is None:
+            raise RuntimeError("waypoint credentials are only issued in directory mode, after start()")
+        return self.lab_mesh_credentials.issue_waypoint_token(namespace, name)
+
     # ------------------------------------------------------------------ wiring
 
     def _prepare_state(self) -> tuple[CertificateAuthority, LabNodeAuthenticator | None]:
@@ -282,20 +308,71 @@ class ControllerApp:
             raise StartupError(str(e)) from e
 
     def _make_authenticator(self, source: ConfigSource) -> NodeAuthenticator:
+        # Node proxies as before; waypoints with their own credential (controller/waypoints/auth.py).
         if not self.config.kubernetes:
             if self.lab_credentials is None:
                 raise StartupError("node credentials were not loaded")
-            return self.lab_credentials
+            self.lab_mesh_credentials = LabMeshAuthenticator(self.lab_credentials, lambda: self._snapshot)
+            return self.lab_mesh_credentials
         reviewer = self._token_reviewer
         if reviewer is None:
             if not hasattr(source, "token_review"):
                 raise StartupError("Kubernetes mode needs a source that can review tokens")
             reviewer = cast(TokenReviewer, source)
-        return KubernetesNodeAuthenticator(
+        return KubernetesMeshAuthenticator(
             reviewer,
             lambda: self._snapshot,
             self.config.trusted_node_accounts,
         )
+
+    def _make_waypoint_reconciler(self, source: ConfigSource) -> WaypointReconciler:
+        config = self.config
+        settings = WaypointSettings(
+            xds_address=str(self._waypoint_xds_address()),
+            image=config.waypoint_image,
+            trust_domain=config.trust_domain,
+            cluster_id=config.cluster_id,
+            root_namespace=config.root_namespace,
+        )
+        if config.kubernetes:
+            from controller.waypoints.kubernetes import KubernetesApplier, KubernetesWriter
+
+            if not all(hasattr(source, m) for m in ("get_object", "create_or_update", "delete_object")):
+                raise StartupError("--deploy-waypoints on Kubernetes needs a source that can write objects")
+            command = config.waypoint_command or settings.command
+            return WaypointReconciler(
+                dataclasses.replace(settings, command=command),
+                KubernetesApplier(cast(KubernetesWriter, source)),
+            )
+        from controller.waypoints.store import LabCredentialFiles, StoreApplier, lab_waypoint_command
+        from loom.lab.store import LabStore
+
+        if config.lab_store is None or self.lab_mesh_credentials is None:
+            raise StartupError("--deploy-waypoints in directory mode needs --lab-store")
+        lab = LabSettings(
+            root_cert=config.state_dir / PUBLISHED_ROOT_FILE, token_dir=config.state_dir / WAYPOINT_TOKEN_DIR
+        )
+        settings = dataclasses.replace(
+            settings, command=config.waypoint_command or lab_waypoint_command(), lab=lab
+        )
+        return WaypointReconciler(
+            settings,
+            StoreApplier(LabStore(config.lab_store)),
+            credentials=LabCredentialFiles(self.lab_mesh_credentials.issue_waypoint_token, lab),
+        )
+
+    def _waypoint_xds_address(self) -> HostPort:
+        """Where waypoints dial the controller: as configured, else the gRPC listen address if it is a
+        specific one, else the first serving-certificate IP (the lab), else its first DNS name."""
+        config = self.config
+        if config.waypoint_xds_address is not None:
+            return config.waypoint_xds_address
+        host = config.grpc_addr.host
+        if host not in ("0.0.0.0", "::"):
+            return HostPort(host, self.grpc_port)
+        if config.tls_ips:
+            return HostPort(config.tls_ips[0], self.grpc_port)
+        return HostPort(config.tls_dns_names[0], self.grpc_port)
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         initial = self._serving_configuration(force=True)
@@ -341,6 +418,7 @@ class ControllerApp:
         self._node_index = None
         self.metrics.config_objects.set(len(snapshot))
         self._changed.set()
+        self._waypoint_wake.set()
 
     async def _run_source(self, source: ConfigSource) -> None:
         delay, max_delay = SOURCE_RESTART_SECONDS
@@ -369,6 +447,7 @@ class ControllerApp:
             require_redirection_annotation=self.config.kubernetes,
         )
         translator = Translator(mesh)
+        waypoint_configs = WaypointConfigBuilder(mesh)
         while True:
             await self._changed.wait()
             self._changed.clear()
@@ -376,7 +455,9 @@ class ControllerApp:
             previous = xds.latest_prepared
             started = time.perf_counter()
             try:
-                translation, prepared = await asyncio.to_thread(_translate, translator, snapshot, previous)
+                translation, prepared = await asyncio.to_thread(
+                    _translate, translator, waypoint_configs, snapshot, previous
+                )
             except Exception:
                 self.metrics.translations.labels(result="error").inc()
                 logger.exception("translation failed; the previous configuration stays served")
@@ -402,6 +483,28 @@ class ControllerApp:
                         }
                     },
                 )
+
+    async def _waypoint_loop(self, reconciler: WaypointReconciler) -> None:
+        """Reconcile after every snapshot (the first one included: nothing runs before the source has
+        delivered one), and again when the reconciler asks to be (unready waypoints, failed writes)."""
+        retry_after: float | None = None
+        while True:
+            resync = False
+            try:
+                async with asyncio.timeout(retry_after):
+                    await self._waypoint_wake.wait()
+            except TimeoutError:
+                resync = True
+            self._waypoint_wake.clear()
+            try:
+                report = await reconciler.reconcile(self._snapshot, resync=resync)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("waypoint reconcile failed; trying again")
+                retry_after = WAYPOINT_RETRY_SECONDS
+                continue
+            retry_after = report.retry_after
 
     def _report_diagnostics(self, diagnostics: Sequence[Diagnostic]) -> None:
         """Log each diagnostic once while it persists (again only if it goes away and comes back)."""
@@ -469,10 +572,11 @@ class ControllerApp:
 
 
 def _translate(
-    translator: Translator, snapshot: ConfigSnapshot, previous: ResourceSet
+    translator: Translator, waypoints: WaypointConfigBuilder, snapshot: ConfigSnapshot, previous: ResourceSet
 ) -> tuple[Translation, ResourceSet]:
     translation = translator.update(snapshot)
-    return translation, prepare(translation, previous)
+    configs = waypoints.build(snapshot, translation)
+    return translation, prepare(translation, previous, {WAYPOINT_CONFIG_TYPE_URL: configs})
 
 
 def policy_condition(policy: AuthorizationPolicy, diagnostics: Sequence[Diagnostic]) -> dict[str, Any]:

@@ -87,6 +87,11 @@ class NodeIdentity:
     node_name: str  # the node it serves: the only thing authorization looks at
     subject: str  # who presented the credential, for logs: "node/<name>" or the service account user
     pod: str = ""  # "<namespace>/<name>" of the calling pod (Kubernetes), for logs
+    # Set when the caller is a waypoint proxy, not a node proxy (controller/waypoints/auth.py):
+    # "<namespace>/<name>" of its Gateway, and the service account it runs as, the only identity it
+    # may get a certificate for. A waypoint serves no node: authorization then looks at these only.
+    waypoint: str = ""
+    waypoint_service_account: str = ""
 
 
 class NodeAuthenticator(Protocol):
@@ -163,7 +168,13 @@ class LabNodeAuthenticator:
         return cls(_load_or_create_key(state_dir / LAB_KEY_FILE))
 
     def _mac(self, node: str) -> str:
-        digest = hmac.new(self._key, b"loom-node.v1\x00" + node.encode("ascii"), hashlib.sha256).digest()
+        return self.keyed_mac("loom-node.v1", node)
+
+    def keyed_mac(self, purpose: str, subject: str) -> str:
+        """base64url HMAC-SHA256 of `subject` under this key, separated by `purpose` so that a
+        credential minted for one kind of subject never verifies as another (waypoint credentials)."""
+        message = purpose.encode("ascii") + b"\x00" + subject.encode("ascii")
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 
     def issue_node_token(self, node: str) -> str:

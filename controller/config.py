@@ -14,6 +14,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ DEFAULT_DEBOUNCE = "10ms"
 # ...but a continuous stream of changes still reaches the proxies at least every 100 ms.
 DEFAULT_MAX_PUSH_DELAY = "100ms"
 DEFAULT_LOG_LEVEL = "info"
+# The image of the waypoint Deployments the controller creates with --deploy-waypoints (Kubernetes).
+DEFAULT_WAYPOINT_IMAGE = "loom:latest"
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "none")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -110,6 +113,13 @@ class Config:
     # Default level, then per-scope overrides ("xds" -> "debug").
     log_level: str = DEFAULT_LOG_LEVEL
     log_scopes: Mapping[str, str] = field(default_factory=dict)
+    # Waypoints (controller/waypoints): run each waypoint Gateway as a ServiceAccount, Deployment and
+    # Service, written to the Kubernetes API, or in directory mode into the lab store `lab_store`.
+    deploy_waypoints: bool = False
+    waypoint_image: str = DEFAULT_WAYPOINT_IMAGE
+    waypoint_command: tuple[str, ...] = ()  # () = loom-waypoint (in the lab: next to this Python)
+    waypoint_xds_address: HostPort | None = None  # None = derived from the gRPC listen address
+    lab_store: Path | None = None
 
     @classmethod
     def from_args(cls, argv: Sequence[str], env: Mapping[str, str]) -> Config:
@@ -250,6 +260,11 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--debounce", help=f"quiet time before a push (default {DEFAULT_DEBOUNCE})")
     p.add_argument("--max-push-delay", help=f"longest push delay (default {DEFAULT_MAX_PUSH_DELAY})")
     p.add_argument("--log-level", help="level, or scope:level list, e.g. info,xds:debug (default info)")
+    p.add_argument("--deploy-waypoints", action="store_true", default=None, help="run waypoint Gateways")
+    p.add_argument("--waypoint-image", help=f"waypoint container image (default {DEFAULT_WAYPOINT_IMAGE})")
+    p.add_argument("--waypoint-command", help="waypoint command line (default loom-waypoint)")
+    p.add_argument("--waypoint-xds-address", help="controller address waypoints dial (default: derived)")
+    p.add_argument("--lab-store", help="lab object store to deploy waypoints into (directory mode)")
     return p
 
 
@@ -334,6 +349,26 @@ class _Builder:
         trusted = self.many(
             "--trusted-node-account", DEFAULT_TRUSTED_NODE_ACCOUNTS, parse_trusted_account, required=True
         )
+        deploy_waypoints = (
+            self.one("--deploy-waypoints", "false", parse_bool)
+            if self.args.deploy_waypoints is None
+            else True
+        )
+        lab_store = self.one("--lab-store", "", lambda s: Path(s) if s else None)
+        if kubernetes and lab_store is not None:
+            self.problems.append(
+                f"{self.given['--lab-store']} is not valid: the lab store is for directory mode"
+            )
+        if lab_store is not None and config_dirs and not any(_same_path(lab_store, d) for d in config_dirs):
+            self.problems.append(
+                f"{self.given['--lab-store']} is not valid: it must be one of the --config-dir paths (the "
+                "controller reads back what it writes there)"
+            )
+        if deploy_waypoints and not kubernetes and config_dirs and lab_store is None:
+            self.problems.append(
+                "--deploy-waypoints (LOOM_DEPLOY_WAYPOINTS) needs --lab-store in directory mode (the lab's "
+                "LAB_DIR/config, where the waypoint's Deployment is written for the lab to run)"
+            )
         fields: dict[str, Any] = {
             "config_dirs": config_dirs,
             "kubernetes": bool(kubernetes),
@@ -353,10 +388,35 @@ class _Builder:
             "max_push_delay": max_delay.total_seconds() if max_delay is not None else None,
             "log_level": log[0] if log else None,
             "log_scopes": log[1] if log else None,
+            "deploy_waypoints": bool(deploy_waypoints),
+            "waypoint_image": self.one("--waypoint-image", DEFAULT_WAYPOINT_IMAGE, _nonempty),
+            "waypoint_command": self.one("--waypoint-command", "", parse_command),
+            "waypoint_xds_address": self.one(
+                "--waypoint-xds-address", "", lambda s: parse_host_port(s) if s else None
+            ),
+            "lab_store": lab_store,
         }
         if self.problems:
             raise ConfigError(self.problems)
         return Config(**fields)
+
+
+def parse_command(text: str) -> tuple[str, ...]:
+    """A command line in shell syntax (quotes allowed, nothing expanded); "" = the default."""
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as e:
+        raise ValueError(f"not a command line: {e}") from None
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
 
 
 def _path(text: str) -> Path:

@@ -9,6 +9,7 @@ A node proxy asks for a certificate on behalf of a workload on its node: the CSR
 2. the impersonated identity is required and must be a SPIFFE ID of the mesh's trust domain;
 3. at least one pod running as that service account, not Failed/Succeeded, is scheduled on the
    caller's node in the controller's *current* configuration (`NodeIndex`, rebuilt on every snapshot);
+   a waypoint caller instead (controller/waypoints/auth.py) may only get its own service account;
 4. the CSR is well formed, self-signed, EC P-256.
 
 Only then is the certificate signed, and its only SAN is the authorized identity, whatever the CSR
@@ -97,6 +98,17 @@ def authorize(caller: NodeIdentity, requested: str | None, index: NodeIndex, tru
         raise Refusal("bad-identity", str(e)) from e
     if identity.trust_domain != trust_domain:
         raise Refusal("foreign-trust-domain", f"{requested} is not in trust domain {trust_domain!r}")
+    if caller.waypoint:
+        # A waypoint gets its own identity and nothing else, whatever runs on its node.
+        namespace = caller.waypoint.partition("/")[0]
+        own = (namespace, caller.waypoint_service_account)
+        if not caller.waypoint_service_account or (identity.namespace, identity.service_account) != own:
+            raise Refusal(
+                "not-waypoint-identity",
+                f"waypoint {caller.waypoint} runs as {namespace}/{caller.waypoint_service_account}, "
+                f"not {identity.namespace}/{identity.service_account}",
+            )
+        return identity
     if not index.has(caller.node_name, identity.namespace, identity.service_account):
         raise Refusal(
             "no-pod-on-node",

@@ -33,9 +33,15 @@ from google.protobuf.message import Message
 from controller.translate import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, Translation
 from controller.translate.serialized import serialize
 
+# The L7 configuration of one waypoint (loom/api/waypoint.proto), named "<namespace>/<name>".
+WAYPOINT_CONFIG_TYPE_URL = "type.googleapis.com/loom.waypoint.v1.WaypointConfig"
 # Authorization first: a new workload or service must never become known to a node proxy before the
 # policies that govern it, or there is a window in which a DENY it is subject to is not yet enforced.
-SERVED_TYPE_URLS: tuple[str, ...] = (AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL)
+NODE_PROXY_TYPE_URLS: tuple[str, ...] = (AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL)
+# A waypoint's configuration first, for the same reason: its policies before the addresses it serves.
+WAYPOINT_TYPE_URLS: tuple[str, ...] = (WAYPOINT_CONFIG_TYPE_URL, ADDRESS_TYPE_URL)
+# Every type the server holds; which of them one stream may see depends on who it is (server.py).
+SERVED_TYPE_URLS: tuple[str, ...] = (AUTHORIZATION_TYPE_URL, ADDRESS_TYPE_URL, WAYPOINT_CONFIG_TYPE_URL)
 
 # 12 bytes of SHA-256 (16 base64url characters): collisions are out of reach for any realistic
 # number of versions of one resource name, and versions stay short on the wire and in logs.
@@ -86,17 +92,27 @@ class ResourceSet:
         return {name: r.version for name, r in self.resources.get(type_url, {}).items()}
 
 
-def prepare(translation: Translation, previous: ResourceSet | None = None) -> ResourceSet:
+def prepare(
+    translation: Translation,
+    previous: ResourceSet | None = None,
+    extra: Mapping[str, Mapping[str, bytes]] | None = None,
+) -> ResourceSet:
     """Version a translation, reusing `previous`'s version of every resource whose bytes are unchanged.
 
     Unchanged resources of an incremental translation are the very same `bytes` objects, for which the
     comparison is an identity check; equal bytes from a fresh translation are compared (far cheaper
     than hashing them again). Either way the version is a function of the bytes only.
+
+    `extra`: serialized resources of other types, by type URL then name (the waypoint configurations).
     """
     by_type: dict[str, Mapping[str, bytes]] = {
         AUTHORIZATION_TYPE_URL: translation.serialized_authorizations.blobs,
         ADDRESS_TYPE_URL: translation.serialized_addresses.blobs,
     }
+    for type_url, blobs in (extra or {}).items():
+        if type_url in by_type:
+            raise ValueError(f"{type_url} comes from the translation; it cannot be given as extra")
+        by_type[type_url] = blobs
     resources: dict[str, dict[str, VersionedResource]] = {}
     for type_url, blobs in by_type.items():
         old_resources = previous.resources.get(type_url, {}) if previous else {}

@@ -12,8 +12,12 @@ them.
 
 Streams: each stream is authenticated from its call metadata before anything is read or sent, and the
 node named in its first request (Node.metadata NODE_NAME, else the node id) must be the authenticated
-node. Each stream then runs its own loop around a sans-IO `DeltaStream`: requests (read by a helper
-task into a small bounded inbox) and generation changes both wake it. A stream that is one generation
+node. Who the caller is also decides what the stream may see (`stream_scope`): a node proxy gets
+Authorization and Address; a waypoint proxy (its Node.metadata NAMESPACE/WAYPOINT_NAME must name the
+authenticated waypoint) gets Address and only its own WaypointConfig. Asking for a type or a name
+outside the scope ends the stream with PERMISSION_DENIED: fail closed, and loud. Each stream then
+runs its own loop around a sans-IO `DeltaStream`: requests (read by a helper task into a small
+bounded inbox) and generation changes both wake it. A stream that is one generation
 behind diffs only the changed names; a stream further behind (it was busy writing to a slow client)
 diffs everything against the latest generation, i.e. intermediate states are coalesced and the stream
 catches up in one step. So the per-stream "queue" of states has size one and cannot overflow, and a
@@ -42,6 +46,7 @@ from controller.metrics import ControllerMetrics, type_label
 from controller.translate import Translation
 from controller.xds.delta import (
     DEFAULT_MAX_RESPONSE_BYTES,
+    WILDCARD,
     Acked,
     DeltaStream,
     Nacked,
@@ -49,13 +54,26 @@ from controller.xds.delta import (
     StaleNonce,
     Subscribed,
 )
-from controller.xds.resources import SERVED_TYPE_URLS, ResourceSet, changed_names, prepare
+from controller.xds.resources import (
+    NODE_PROXY_TYPE_URLS,
+    SERVED_TYPE_URLS,
+    WAYPOINT_CONFIG_TYPE_URL,
+    WAYPOINT_TYPE_URLS,
+    ResourcesByType,
+    ResourceSet,
+    VersionedResource,
+    changed_names,
+    prepare,
+)
 from loom.api import discovery_pb2
 
 logger = logging.getLogger("controller.xds")
 
 SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 NODE_NAME_METADATA = "NODE_NAME"
+# What a waypoint proxy announces: its Gateway's namespace and name (waypoint/xds.py).
+NAMESPACE_METADATA = "NAMESPACE"
+WAYPOINT_NAME_METADATA = "WAYPOINT_NAME"
 REFUSAL_MESSAGE = "request authentication failure"
 # Requests buffered per stream before the reader stops reading (HTTP/2 flow control then pushes back).
 _INBOX_SIZE = 32
@@ -86,9 +104,38 @@ class StreamInfo:
     types: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class StreamScope:
+    """What one stream may see: the types it may subscribe to (in push order) and, for the types in
+    `names`, only those resource names."""
+
+    types: tuple[str, ...]
+    names: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def view(self, resources: ResourcesByType) -> ResourcesByType:
+        """`resources` cut down to the scope (unrestricted types are passed through, not copied)."""
+        visible: dict[str, Mapping[str, VersionedResource]] = {}
+        for type_url in self.types:
+            of_type = resources.get(type_url, {})
+            allowed = self.names.get(type_url)
+            if allowed is None:
+                visible[type_url] = of_type
+            else:
+                visible[type_url] = {n: of_type[n] for n in allowed if n in of_type}
+        return visible
+
+
+def stream_scope(identity: NodeIdentity) -> StreamScope:
+    """A node proxy sees the workload API; a waypoint sees the addresses and its own configuration."""
+    if identity.waypoint:
+        return StreamScope(WAYPOINT_TYPE_URLS, {WAYPOINT_CONFIG_TYPE_URL: frozenset({identity.waypoint})})
+    return StreamScope(NODE_PROXY_TYPE_URLS)
+
+
 @dataclass(slots=True, eq=False)  # identity semantics: subscribers live in a set
 class _Subscriber:
     identity: NodeIdentity
+    scope: StreamScope
     peer: str
     delta: DeltaStream
     generation: int
@@ -109,12 +156,24 @@ class StreamRefused(Exception):
         self.message = message
 
 
+def _metadata_string(node: discovery_pb2.Node, key: str) -> str:
+    value = node.metadata.fields.get(key)
+    if value is not None and value.WhichOneof("kind") == "string_value":
+        return value.string_value
+    return ""
+
+
 def requested_node(node: discovery_pb2.Node) -> str:
     """The node a request says it serves: metadata NODE_NAME (what ztunnel sends), else the node id."""
-    value = node.metadata.fields.get(NODE_NAME_METADATA)
-    if value is not None and value.WhichOneof("kind") == "string_value" and value.string_value:
-        return value.string_value
-    return node.id
+    return _metadata_string(node, NODE_NAME_METADATA) or node.id
+
+
+def requested_waypoint(node: discovery_pb2.Node) -> str:
+    """The waypoint a request says it is, "<namespace>/<name>" from metadata NAMESPACE and
+    WAYPOINT_NAME; "" when either is missing."""
+    namespace = _metadata_string(node, NAMESPACE_METADATA)
+    name = _metadata_string(node, WAYPOINT_NAME_METADATA)
+    return f"{namespace}/{name}" if namespace and name else ""
 
 
 class XdsServer:
@@ -287,11 +346,15 @@ class XdsServer:
         if self._current.number < 1:
             await self.wait_for_generation(1)
         current = self._current
+        scope = stream_scope(identity)
         subscriber = _Subscriber(
             identity=identity,
+            scope=scope,
             peer=peer,
             delta=DeltaStream(
-                SERVED_TYPE_URLS, current.resources.resources, max_response_bytes=self._max_response_bytes
+                scope.types,
+                scope.view(current.resources.resources),
+                max_response_bytes=self._max_response_bytes,
             ),
             generation=current.number,
         )
@@ -372,7 +435,9 @@ class XdsServer:
             current = self._current
             if subscriber.generation != current.number:
                 changed = current.changed if subscriber.generation == current.number - 1 else None
-                responses += subscriber.delta.on_update(current.resources.resources, changed)
+                responses += subscriber.delta.on_update(
+                    subscriber.scope.view(current.resources.resources), changed
+                )
                 subscriber.generation = current.number
                 delivers_publication = bool(responses)
                 if not responses:
@@ -390,20 +455,31 @@ class XdsServer:
                 subscriber.undelivered_since = None
 
     def _handle_request(self, subscriber: _Subscriber, request: DeltaRequest) -> list[DeltaResponse]:
-        node = subscriber.identity.node_name
+        identity = subscriber.identity
+        node = identity.node_name
         if request.HasField("node"):
-            claimed = requested_node(request.node)
-            if claimed != node:
-                raise StreamRefused(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "node-mismatch",
-                    f"request is for node {claimed!r}, the credential is for another node",
-                )
+            if identity.waypoint:
+                claimed = requested_waypoint(request.node)
+                if claimed != identity.waypoint:
+                    raise StreamRefused(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "waypoint-mismatch",
+                        f"request is for waypoint {claimed!r}, the credential is for another waypoint",
+                    )
+            else:
+                claimed = requested_node(request.node)
+                if claimed != node:
+                    raise StreamRefused(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "node-mismatch",
+                        f"request is for node {claimed!r}, the credential is for another node",
+                    )
             subscriber.node_checked = True
         elif not subscriber.node_checked:
             raise StreamRefused(
                 grpc.StatusCode.PERMISSION_DENIED, "missing-node", "the first request must carry the node"
             )
+        self._check_scope(subscriber.scope, request)
         try:
             responses = subscriber.delta.on_request(request)
         except ProtocolError as e:
@@ -426,3 +502,22 @@ class XdsServer:
             elif isinstance(event, Acked):
                 logger.debug("xDS ACK", extra={"fields": {**fields, "nonce": event.nonce}})
         return responses
+
+    @staticmethod
+    def _check_scope(scope: StreamScope, request: DeltaRequest) -> None:
+        type_url = request.type_url
+        if type_url in SERVED_TYPE_URLS and type_url not in scope.types:
+            raise StreamRefused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "type-not-permitted",
+                f"this caller may not subscribe to {type_url}",
+            )
+        allowed = scope.names.get(type_url)
+        if allowed is not None:
+            for name in request.resource_names_subscribe:
+                if name != WILDCARD and name not in allowed:
+                    raise StreamRefused(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "name-not-permitted",
+                        f"this caller may not subscribe to {type_url} {name!r}",
+                    )

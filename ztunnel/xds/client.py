@@ -133,6 +133,7 @@ class XdsClient:
         state: ProxyState,
         *,
         node: NodeInfo | None = None,
+        session: XdsSession | None = None,
         cluster_id: str = DEFAULT_CLUSTER_ID,
         server_name: str | None = None,
         registry: CollectorRegistry | None = None,
@@ -142,7 +143,12 @@ class XdsClient:
     ) -> None:
         """`address` is host:port of the controller's gRPC port; `root_cert` PEM text or a file (re-read
         per connection); `token_source` returns the node credential (called per connection); `node`
-        overrides the announced pod name/namespace/IP (its node_name must equal `node_name`)."""
+        overrides the announced pod name/namespace/IP (its node_name must equal `node_name`); `session`
+        replaces the default session over `state` (a waypoint's, which subscribes to other types)."""
+        if session is not None:
+            if node is not None:
+                raise ValueError("give either node or session: a session carries its own node")
+            node = session.node
         if node is not None and node.node_name != node_name:
             raise ValueError(f"node info is for {node.node_name!r}, the client for {node_name!r}")
         self._address = address
@@ -150,7 +156,7 @@ class XdsClient:
         self._token_source = token_source
         self._cluster_id = cluster_id
         self._server_name = server_name
-        self.session = XdsSession(state, node or NodeInfo(node_name))
+        self.session = session or XdsSession(state, node or NodeInfo(node_name))
         self.metrics = XdsMetrics(registry if registry is not None else CollectorRegistry(auto_describe=True))
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()

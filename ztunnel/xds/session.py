@@ -56,18 +56,24 @@ DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """Who this proxy is, as announced in the xDS Node (Istio's ztunnel node id format)."""
+    """Who this proxy is, as announced in the xDS Node (Istio's ztunnel node id format).
+
+    `proxy_type` is the node id's first field (istiod tells node types apart by it) and
+    `extra_metadata` adds Node.metadata fields: a waypoint announces itself with "waypoint" and its
+    Gateway's name (waypoint.xds)."""
 
     node_name: str  # the Kubernetes node it serves (metadata NODE_NAME; the controller checks it)
     pod_name: str = "ztunnel"
     pod_namespace: str = "istio-system"
     instance_ip: str = ""
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    proxy_type: str = "ztunnel"
+    extra_metadata: tuple[tuple[str, str], ...] = ()
 
     @property
     def node_id(self) -> str:
         ns = self.pod_namespace
-        return f"ztunnel~{self.instance_ip}~{self.pod_name}.{ns}~{ns}.svc.{self.cluster_domain}"
+        return f"{self.proxy_type}~{self.instance_ip}~{self.pod_name}.{ns}~{ns}.svc.{self.cluster_domain}"
 
     def to_proto(self) -> discovery_pb2.Node:
         metadata = struct_pb2.Struct()
@@ -77,6 +83,7 @@ class NodeInfo:
                 "NAME": self.pod_name,
                 "NAMESPACE": self.pod_namespace,
                 "INSTANCE_IPS": self.instance_ip,
+                **dict(self.extra_metadata),
             }
         )
         return discovery_pb2.Node(id=self.node_id, metadata=metadata)
@@ -145,10 +152,15 @@ def _decode_all(
 class XdsSession:
     """Delta xDS client state across connections (see the module docstring). Not thread-safe."""
 
-    def __init__(self, state: ProxyState, node: NodeInfo) -> None:
+    def __init__(
+        self, state: ProxyState, node: NodeInfo, *, subscriptions: tuple[str, ...] = SUBSCRIPTION_ORDER
+    ) -> None:
+        """`subscriptions`: the types to subscribe to, in order. A type other than Address and
+        Authorization needs a subclass that applies it (`_apply_other`)."""
         self._state = state
         self._node = node
-        self._held: dict[str, dict[str, str]] = {t: {} for t in SUBSCRIPTION_ORDER}
+        self._subscriptions = subscriptions
+        self._held: dict[str, dict[str, str]] = {t: {} for t in subscriptions}
         self._answered: set[str] = set()
 
     @property
@@ -158,7 +170,7 @@ class XdsSession:
     @property
     def ready(self) -> bool:
         """A response of every subscribed type has been applied (in this session, ever)."""
-        return self._answered.issuperset(SUBSCRIPTION_ORDER)
+        return self._answered.issuperset(self._subscriptions)
 
     def held(self, type_url: str) -> Mapping[str, str]:
         """name -> version of what the proxy holds of `type_url`."""
@@ -167,7 +179,7 @@ class XdsSession:
     def connect(self) -> list[discovery_pb2.DeltaDiscoveryRequest]:
         """The requests that open a new stream, in order."""
         requests: list[discovery_pb2.DeltaDiscoveryRequest] = []
-        for type_url in SUBSCRIPTION_ORDER:
+        for type_url in self._subscriptions:
             request = discovery_pb2.DeltaDiscoveryRequest(
                 type_url=type_url, initial_resource_versions=self._held[type_url]
             )
@@ -188,8 +200,10 @@ class XdsSession:
             return ResponseOutcome(type_url, _reply(type_url, response.nonce, rejected), 0, 0, rejected)
         if type_url == ADDRESS_TYPE_URL:
             applied, rejected = self._apply_addresses(response, held)
-        else:
+        elif type_url == AUTHORIZATION_TYPE_URL:
             applied, rejected = self._apply_authorizations(response, held)
+        else:
+            applied, rejected = self._apply_other(response, held)
         first = type_url not in self._answered
         self._answered.add(type_url)
         return ResponseOutcome(
@@ -219,6 +233,14 @@ class XdsSession:
             if name not in rejected:
                 held[name] = version
         return len(decoded) - len(rejected.keys() & decoded.keys()), rejected
+
+    def _apply_other(
+        self, response: discovery_pb2.DeltaDiscoveryResponse, held: dict[str, str]
+    ) -> tuple[int, dict[str, str]]:
+        """Apply a subscribed type this class does not know: (resources applied, name -> why rejected).
+        Subclasses that subscribe to more types override it; here everything is rejected."""
+        reason = f"no handler for type {response.type_url!r}"
+        return 0, {r.name or f"(resource #{i})": reason for i, r in enumerate(response.resources)}
 
     def _apply_authorizations(
         self, response: discovery_pb2.DeltaDiscoveryResponse, held: dict[str, str]
