@@ -313,6 +313,8 @@ class Cluster:
                     "--grpc-addr", f"0.0.0.0:{CONTROLLER_GRPC_PORT}",
                     "--http-addr", f"0.0.0.0:{CONTROLLER_HTTP_PORT}",
                     "--tls-ip", self.controller_ip,
+                    # Waypoint Gateways become Deployments in the store; the lab manager runs their pods.
+                    "--deploy-waypoints", "--lab-store", str(self.config_dir),
                 ]  # fmt: skip
                 self._spawn(state, "controller", argv, cp_netns)
                 self._wait_http(
