@@ -68,6 +68,8 @@ REDIRECTION_ANNOTATION: Final = "ambient.istio.io/redirection"
 READY_TIMEOUT: Final = 60.0
 CNI_TIMEOUT: Final = 60.0
 CNI_RETRY_INTERVAL: Final = 0.2
+# A pod command still running after this long counts as started (there is no readiness probe).
+COMMAND_GRACE: Final = 0.3
 
 Progress = Callable[[str], None]
 
@@ -466,9 +468,36 @@ class Cluster:
                 self._create_pod(state, pod, node)
         for key, record in sorted(state.pods.items()):
             if record.process is not None and not is_running(record.process):
-                with _step(progress, f"pod {key}: restarting its process"):
-                    self._start_pod_process(state, record, wanted.get(key))
+                # As a kubelet would: the pod is not ready while its container is down (a waypoint's
+                # Gateway then reports not Programmed), and the process is restarted.
+                self._set_ready(record, False)
+                try:
+                    with _step(progress, f"pod {key}: restarting its process"):
+                        self._start_pod_process(state, record, wanted.get(key))
+                except (LabError, OSError) as exc:
+                    progress(f"  ✗ pod {key}: {exc}")
+                    continue
+                process = state.pods[key].process
+                if process is not None and is_running(process):
+                    self._set_ready(record, True)
         self._sync_services(state)
+
+    def _set_ready(self, record: PodRecord, ready: bool) -> None:
+        """Write the pod's Ready condition (and phase) into the store when it differs."""
+        manifest = self.store.get(StoredKey("Pod", record.namespace, record.name))
+        if manifest is None:
+            return
+        conditions = (manifest.get("status") or {}).get("conditions") or []
+        wanted = "True" if ready else "False"
+        if any(c.get("type") == "Ready" and c.get("status") == wanted for c in conditions):
+            return
+
+        def mutate(pod: dict[str, Any]) -> None:
+            status = pod.setdefault("status", {})
+            others = [c for c in status.get("conditions") or [] if c.get("type") != "Ready"]
+            status["conditions"] = [*others, {"type": "Ready", "status": wanted}]
+
+        self.store.update(StoredKey("Pod", record.namespace, record.name), mutate)
 
     def _allocate_cluster_ips(self) -> None:
         snapshot = self.store.snapshot()
@@ -556,7 +585,11 @@ class Cluster:
         )  # fmt: skip
         state.pods[record.key] = replace(record, process=process)
         self.save_state(state)
-        if not command:  # readiness: a Service gets the pod as a backend only once it listens
+        if command:  # a command that fails at once is not ready (the next pass restarts it)
+            time.sleep(COMMAND_GRACE)
+            if not is_running(process):
+                self._set_ready(record, False)
+        else:  # readiness: a Service gets the pod as a backend only once it listens
             deadline = time.monotonic() + READY_TIMEOUT
             for port in ports or [DEFAULT_WORKLOAD_PORT]:
                 while not tcp_listening_in_netns(record.netns, "127.0.0.1", port):
