@@ -9,9 +9,12 @@
      15008; the destination ztunnel's metrics show the connection with
      connection_security_policy="mutual_tls" and both SPIFFE principals.
   5. The sample L4 AuthorizationPolicy: productpage may call reviews, ratings may not.
-  6. `loomctl label namespace default istio.io/dataplane-mode-`: pods are released; traffic is direct
+  6. `loomctl waypoint apply --service-account bookinfo-reviews`: the controller deploys a waypoint,
+     reviews traffic passes it (its access log), the Istio sample HTTPRoute splits 90/10, and the sample
+     L7 policy allows GET from productpage and answers DELETE and other callers 403.
+  7. `loomctl label namespace default istio.io/dataplane-mode-`: pods are released; traffic is direct
      (plaintext) again and no longer passes a ztunnel.
-  7. `loomctl lab down`: nothing of the lab is left behind.
+  8. `loomctl lab down`: nothing of the lab is left behind.
 
 Every step checks what it shows; the demo exits 0 only if every check held, and always tears the lab
 down (unless --keep). `--control-plane` runs the control-plane walk-through without the lab instead
@@ -47,6 +50,7 @@ from loom.lab.network import check_prerequisites, list_namespaces
 NAMESPACE = "default"
 AMBIENT_LABEL = "istio.io/dataplane-mode"
 REVIEWS_URL = "http://reviews:9080/reviews/0"
+WAYPOINT = "reviews-waypoint"
 CALLS = 5
 STEP_TIMEOUT = 30.0  # seconds; every wait in the demo is bounded by it
 TRUST_DOMAIN = "cluster.local"
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         teardown(cluster)
         return 130
     if not args.keep:
-        print("\n7. Tear the lab down (loomctl lab down)")
+        print("\n8. Tear the lab down (loomctl lab down)")
         teardown(cluster)
         left = list_namespaces(cluster.prefix + "-")
         if left:
@@ -319,13 +323,81 @@ class Demo:
         )
         self.loomctl("delete", "-f", str(policy))
 
-        print("\n6. Unenrol the namespace: traffic is direct again")
+        print("\n6. A waypoint for the reviews service account: L7 routing and authorization")
+        self.waypoint_steps(productpage, ratings)
+
+        print("\n7. Unenrol the namespace: traffic is direct again")
         self.loomctl("label", "namespace", NAMESPACE, f"{AMBIENT_LABEL}-")
         eventually(lambda: not any(self.redirection().values()), "every pod released")
         check(True, "every pod released (annotation removed)")
         direct, dump = self.captured_calls(productpage, reviews_pods)
         check(direct.ok and len(direct.answers) == CALLS, f"{CALLS} calls answered directly", direct.output)
         check("GET /reviews/0" in dump and ".15008 " not in dump, "plaintext on the wire again, no HBONE")
+
+    def waypoint_log(self) -> list[str]:
+        """The waypoint pod's access log lines (Istio's text format, one per request)."""
+        lines: list[str] = []
+        for path in sorted((self.cluster.lab_dir / "logs").glob(f"pod_{NAMESPACE}_{WAYPOINT}-*.log")):
+            lines += [line for line in path.read_text(errors="replace").splitlines() if line.startswith("[")]
+        return lines
+
+    def waypoint_steps(self, productpage: PodRecord, ratings: PodRecord) -> None:
+        istio, ambient = self.samples / "istio", self.samples / "ambient"
+        self.loomctl(
+            "waypoint", "apply", "-n", NAMESPACE, "--service-account", "bookinfo-reviews", "--name", WAYPOINT,
+            "--wait", "--waypoint-timeout", f"{STEP_TIMEOUT:g}s",
+        )  # fmt: skip
+        check(True, "the controller deployed it and reports it Programmed")
+        eventually(
+            lambda: self.call(productpage, count=1).ok and len(self.waypoint_log()) > 0,
+            "reviews traffic passing the waypoint",
+        )
+        show(self.waypoint_log()[-1])
+        check(True, "reviews traffic now passes the waypoint (its access log, Istio's format)")
+
+        self.loomctl(
+            "apply",
+            "-f",
+            str(istio / "bookinfo-versions.yaml"),
+            "-f",
+            str(istio / "route-reviews-90-10.yaml"),
+        )
+        eventually(lambda: self.v1_share(productpage, 20) >= 0.7, "the 90/10 route taking effect")
+        total = 200
+        v1 = round(self.v1_share(productpage, total) * total)
+        # 90% of 200 is 180 with a standard deviation of 4.2: [163, 195] is about ±4 sigma.
+        check(163 <= v1 <= 195, f"the Istio sample route-reviews-90-10: {v1}/{total} requests to reviews-v1")
+
+        self.loomctl("apply", "-f", str(ambient / "l7-policy.yaml"))
+        eventually(lambda: not self.call(ratings, count=1).ok, "the L7 policy taking effect")
+        get = self.call(productpage, count=3)
+        check(get.ok and len(get.answers) == 3, "GET /reviews/0 from productpage is allowed", get.output)
+        delete = subprocess.run(
+            ["ip", "netns", "exec", productpage.netns, "curl", "-s", "-m", "5", "-X", "DELETE",
+             "-w", " %{http_code}", REVIEWS_URL],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        check(
+            delete.stdout.strip() == "RBAC: access denied 403",
+            "DELETE from productpage: 403 RBAC: access denied",
+            delete.stdout + delete.stderr,
+        )
+        denied = self.call(ratings, count=1)
+        check(
+            not denied.ok and "403" in denied.output, "GET from ratings: 403 (not productpage)", denied.output
+        )
+        show("\n".join(line for line in self.waypoint_log() if '" 403 ' in line)[-600:])
+        self.loomctl(
+            "delete", "-f", str(ambient / "l7-policy.yaml"), "-f", str(istio / "route-reviews-90-10.yaml")
+        )
+        self.loomctl("waypoint", "delete", "-n", NAMESPACE, WAYPOINT)
+
+    def v1_share(self, source: PodRecord, count: int) -> float:
+        outcome = self.call(source, count=count)
+        if not outcome.answers:
+            return 0.0
+        to_v1 = sum(1 for a in outcome.answers if str(a["pod"]).startswith("reviews-v1-"))
+        return to_v1 / count
 
     def captured_calls(self, source: PodRecord, targets: list[PodRecord]) -> tuple[CallOutcome, str]:
         state = self.cluster.require_state()

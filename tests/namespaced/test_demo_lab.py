@@ -33,5 +33,6 @@ def test_demo_holds_every_check_and_leaves_nothing(
     assert ".15008" in out
     assert 'connection_security_policy="mutual_tls"' in out
     assert "ratings (sa bookinfo-ratings) -> reviews is denied" in out
+    assert '"DELETE /reviews/0 HTTP/1.1" 403' in out  # the waypoint's access log line for the L7 denial
     assert list_namespaces(prefix + "-") == []
     assert not lab_dir.exists()
