@@ -101,6 +101,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from loom.identity import SPIFFE_SCHEME
+from loom.policy.rbac import StringPatterns
 from loom.resources.diagnostics import Diagnostic, Severity
 from loom.resources.model import (
     DEFAULT_ROOT_NAMESPACE,
@@ -282,39 +283,7 @@ class _Polarity(enum.Enum):
     DENY = "deny"  # DENY, CUSTOM, AUDIT: unevaluable -> counts as matched
 
 
-@dataclass(frozen=True, slots=True)
-class _Patterns:
-    """Istio string values: exact set, prefixes ("x*"), suffixes ("*x"), presence ("*")."""
-
-    exact: frozenset[str]
-    prefixes: tuple[str, ...]
-    suffixes: tuple[str, ...]
-    presence: bool
-
-    def matches(self, value: str) -> bool:
-        return (
-            value in self.exact
-            or (self.presence and value != "")
-            or value.startswith(self.prefixes)
-            or value.endswith(self.suffixes)
-        )
-
-
-def _patterns(values: Iterable[str]) -> _Patterns:
-    exact: set[str] = set()
-    prefixes: list[str] = []
-    suffixes: list[str] = []
-    presence = False
-    for value in values:
-        if value == "*":
-            presence = True
-        elif value.startswith("*"):
-            suffixes.append(value[1:])
-        elif value.endswith("*"):
-            prefixes.append(value[:-1])
-        else:
-            exact.add(value)
-    return _Patterns(frozenset(exact), tuple(prefixes), tuple(suffixes), presence)
+_patterns = StringPatterns.parse
 
 
 def _all_of(checks: Sequence[_Check]) -> _Check:
@@ -424,7 +393,7 @@ def _parse_port(text: str) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class _PathMatcher:
-    patterns: _Patterns
+    patterns: StringPatterns
     templates: tuple[re.Pattern[str], ...]
 
     def matches(self, path: str) -> bool:

@@ -22,7 +22,6 @@ documented defaults.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +29,14 @@ from pathlib import Path
 from typing import Final, Literal, TypeVar
 
 from waypoint.proxy.limits import ProxyLimits
-from ztunnel.config import parse_address, parse_duration
+from ztunnel.config import (
+    parse_address,
+    parse_duration,
+    parse_grpc_target,
+    parse_log_format,
+    parse_path,
+    parse_text,
+)
 
 T = TypeVar("T")
 
@@ -88,47 +94,6 @@ def _trust_domain(text: str) -> str:
     if not value or not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError("must be a DNS name such as cluster.local")
     return value
-
-
-def _grpc_target(text: str) -> str:
-    value = text.strip()
-    host, colon, port_text = value.rpartition(":")
-    if not colon or not host:
-        raise ValueError("expected host:port")
-    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ValueError(f"port {port_text!r} is not a number in 1..65535")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(bare)
-    except ValueError:
-        if not _DNS_SUBDOMAIN.fullmatch(bare.lower()):
-            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
-    return value
-
-
-def _path(text: str) -> Path:
-    value = text.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    if "\x00" in value:
-        raise ValueError("contains a NUL byte")
-    return Path(value)
-
-
-def _text(text: str) -> str:
-    value = text.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
-
-
-def _log_format(text: str) -> LogFormat:
-    value = text.strip().lower()
-    if value == "text":
-        return "text"
-    if value == "json":
-        return "json"
-    raise ValueError("expected text or json")
 
 
 def _log_level(text: str) -> str:
@@ -216,12 +181,12 @@ class Config:
         )
         account = read("SERVICE_ACCOUNT", "", _optional_label)
         trust_domain = read("TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN, _trust_domain)
-        cluster_id = read("CLUSTER_ID", DEFAULT_CLUSTER_ID, _text)
-        xds_address = read("XDS_ADDRESS", DEFAULT_XDS_ADDRESS, _grpc_target)
-        ca_address = read("CA_ADDRESS", env.get("XDS_ADDRESS", DEFAULT_XDS_ADDRESS), _grpc_target)
-        root_cert = read("ROOT_CERT", DEFAULT_ROOT_CERT, _path)
+        cluster_id = read("CLUSTER_ID", DEFAULT_CLUSTER_ID, parse_text)
+        xds_address = read("XDS_ADDRESS", DEFAULT_XDS_ADDRESS, parse_grpc_target)
+        ca_address = read("CA_ADDRESS", env.get("XDS_ADDRESS", DEFAULT_XDS_ADDRESS), parse_grpc_target)
+        root_cert = read("ROOT_CERT", DEFAULT_ROOT_CERT, parse_path)
         token_variable = "WORKLOAD_TOKEN_FILE" if "WORKLOAD_TOKEN_FILE" in env else "NODE_TOKEN_FILE"
-        token_file = read(token_variable, DEFAULT_TOKEN_FILE, _path)
+        token_file = read(token_variable, DEFAULT_TOKEN_FILE, parse_path)
         listen_addr = read("LISTEN_ADDR", DEFAULT_LISTEN_ADDR, parse_address)
         metrics_addr = read("METRICS_ADDR", DEFAULT_METRICS_ADDR, parse_address)
         readiness_addr = read("READINESS_ADDR", DEFAULT_READINESS_ADDR, parse_address)
@@ -231,7 +196,7 @@ class Config:
             parse_duration,
         )
         secret_ttl = read("SECRET_TTL", f"{DEFAULT_SECRET_TTL.total_seconds():g}s", parse_duration)
-        log_format = read("LOG_FORMAT", "text", _log_format)
+        log_format = read("LOG_FORMAT", "text", parse_log_format)
         log_level = read("LOG_LEVEL", "info", _log_level)
         limits = _read_limits(env, problems)
         if problems:

@@ -117,7 +117,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return str(ip), int(port_text)
 
 
-def _parse_grpc_target(text: str) -> str:
+def parse_grpc_target(text: str) -> str:
     """host:port of the controller: a literal IP or a DNS name, and a port in 1..65535."""
     value = text.strip()
     host, colon, port_text = value.rpartition(":")
@@ -134,7 +134,7 @@ def _parse_grpc_target(text: str) -> str:
     return value
 
 
-def _parse_log_format(text: str) -> LogFormat:
+def parse_log_format(text: str) -> LogFormat:
     value = text.strip().lower()
     if value == "text":
         return "text"
@@ -162,7 +162,7 @@ def _parse_node_name(text: str) -> str:
     return value
 
 
-def _parse_path(text: str) -> Path:
+def parse_path(text: str) -> Path:
     value = text.strip()
     if not value:
         raise ValueError("must not be empty")
@@ -172,7 +172,7 @@ def _parse_path(text: str) -> Path:
 
 
 def _parse_uds(text: str) -> str:
-    value = _parse_path(text)
+    value = parse_path(text)
     # sockaddr_un holds 108 bytes including the terminating NUL.
     if len(str(value).encode()) > 107:
         raise ValueError("is longer than the 107 bytes a unix socket path may have")
@@ -185,7 +185,7 @@ def _parse_level(text: str) -> str:
     return value
 
 
-def _parse_text(text: str) -> str:
+def parse_text(text: str) -> str:
     value = text.strip()
     if not value:
         raise ValueError("must not be empty")
@@ -228,10 +228,10 @@ class Config:
                 return None
 
         node_name = read("NODE_NAME", "", _parse_node_name)
-        xds_address = read("XDS_ADDRESS", DEFAULT_XDS_ADDRESS, _parse_grpc_target)
-        ca_address = read("CA_ADDRESS", env.get("XDS_ADDRESS", DEFAULT_CA_ADDRESS), _parse_grpc_target)
-        root_cert = read("ROOT_CERT", DEFAULT_ROOT_CERT, _parse_path)
-        token_file = read("NODE_TOKEN_FILE", DEFAULT_NODE_TOKEN_FILE, _parse_path)
+        xds_address = read("XDS_ADDRESS", DEFAULT_XDS_ADDRESS, parse_grpc_target)
+        ca_address = read("CA_ADDRESS", env.get("XDS_ADDRESS", DEFAULT_CA_ADDRESS), parse_grpc_target)
+        root_cert = read("ROOT_CERT", DEFAULT_ROOT_CERT, parse_path)
+        token_file = read("NODE_TOKEN_FILE", DEFAULT_NODE_TOKEN_FILE, parse_path)
         inpod_uds = read("INPOD_UDS", DEFAULT_INPOD_UDS, _parse_uds)
         admin_addr = read("ADMIN_ADDR", DEFAULT_ADMIN_ADDR, parse_address)
         metrics_addr = read("METRICS_ADDR", DEFAULT_METRICS_ADDR, parse_address)
@@ -241,7 +241,7 @@ class Config:
             f"{DEFAULT_CONNECTION_TERMINATION_DEADLINE.total_seconds():g}s",
             parse_duration,
         )
-        log_format = read("LOG_FORMAT", DEFAULT_LOG_FORMAT, _parse_log_format)
+        log_format = read("LOG_FORMAT", DEFAULT_LOG_FORMAT, parse_log_format)
         log_level = read("LOG_LEVEL", DEFAULT_LOG_LEVEL, _parse_level)
         secret_ttl = read("SECRET_TTL", f"{DEFAULT_SECRET_TTL.total_seconds():g}s", parse_duration)
         max_streams = read(
@@ -254,7 +254,7 @@ class Config:
             f"{DEFAULT_POOL_UNUSED_RELEASE_TIMEOUT.total_seconds():g}s",
             parse_duration,
         )
-        cluster_id = read("CLUSTER_ID", DEFAULT_CLUSTER_ID, _parse_text)
+        cluster_id = read("CLUSTER_ID", DEFAULT_CLUSTER_ID, parse_text)
         if problems:
             raise ConfigError(problems)
         assert node_name is not None and xds_address is not None and ca_address is not None

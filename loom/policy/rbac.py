@@ -242,11 +242,32 @@ def _reject_unknown_fields(message: Message, key: str, path: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class _StringPatterns:
+class StringPatterns:
+    """Istio's string match values: exact set, prefixes ("x*"), suffixes ("*x"), presence ("*").
+    Shared with the waypoint's L7 engine (waypoint/authz.py), which reads them from manifests."""
+
     exact: frozenset[str]
     prefixes: tuple[str, ...]
     suffixes: tuple[str, ...]
     presence: bool
+
+    @classmethod
+    def parse(cls, values: Iterable[str]) -> StringPatterns:
+        """From AuthorizationPolicy's string form ("*", "x*", "*x" or exact)."""
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        presence = False
+        for value in values:
+            if value == "*":
+                presence = True
+            elif value.startswith("*"):
+                suffixes.append(value[1:])
+            elif value.endswith("*"):
+                prefixes.append(value[:-1])
+            else:
+                exact.add(value)
+        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), presence)
 
     def matches(self, value: str) -> bool:
         return (
@@ -259,7 +280,7 @@ class _StringPatterns:
 
 def _compile_strings(
     matches: Sequence[authorization_pb2.StringMatch], key: str, path: str, *, principal: bool
-) -> _StringPatterns:
+) -> StringPatterns:
     exact: set[str] = set()
     prefixes: list[str] = []
     suffixes: list[str] = []
@@ -281,7 +302,7 @@ def _compile_strings(
             raise PolicyCompileError(
                 key, here, "StringMatch sets no pattern (exact, prefix, suffix or presence)"
             )
-    return _StringPatterns(frozenset(exact), tuple(prefixes), tuple(suffixes), presence)
+    return StringPatterns(frozenset(exact), tuple(prefixes), tuple(suffixes), presence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,9 +364,7 @@ _principal_of = operator.attrgetter("principal")
 _namespace_of = operator.attrgetter("namespace")
 
 
-def _string_check(
-    patterns: _StringPatterns, attribute: Callable[[_View], str | None], negate: bool
-) -> _Check:
+def _string_check(patterns: StringPatterns, attribute: Callable[[_View], str | None], negate: bool) -> _Check:
     matches = patterns.matches
     if negate:
 
