@@ -59,6 +59,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from loom.api import workload_pb2
+from loom.hbone.headers import parse_traceparent as parse_w3c_traceparent
 from loom.identity import Identity
 from waypoint.model import Endpoint, RequestView, ServiceRef
 
@@ -723,9 +724,6 @@ TRACESTATE = "tracestate"
 MAX_REQUEST_ID_LENGTH = 256
 # A request id is passed through as given when it is printable ASCII without spaces (logs, headers).
 _REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}\Z")
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
-_ZERO_TRACE_ID = "0" * 32
-_ZERO_SPAN_ID = "0" * 16
 SAMPLED = 0x01
 
 
@@ -777,18 +775,12 @@ class TraceParent:
 
 
 def parse_traceparent(value: str) -> TraceParent | None:
-    """The traceparent, or None when it is not valid: wrong shape or case, version ff, all-zero ids,
-    extra fields in version 00, or a later version not followed by "-" (the spec's parsing rules)."""
-    match = _TRACEPARENT.match(value.strip(" \t"))
-    if match is None:
+    """The traceparent, or None when it is not valid (loom.hbone.headers applies the spec's parsing
+    rules: shape and case, version ff, all-zero ids, extra fields in version 00)."""
+    parsed = parse_w3c_traceparent(value.strip(" \t"))
+    if parsed is None:
         return None
-    version_text, trace_id, parent_id, flags_text, rest = match.groups()
-    version = int(version_text, 16)
-    if version == 0xFF or (version == 0 and rest is not None):
-        return None
-    if trace_id == _ZERO_TRACE_ID or parent_id == _ZERO_SPAN_ID:
-        return None
-    return TraceParent(trace_id, parent_id, int(flags_text, 16), version)
+    return TraceParent(f"{parsed.trace_id:032x}", f"{parsed.parent_id:016x}", parsed.flags, parsed.version)
 
 
 def _random_hex(random_bytes: Callable[[int], bytes], size: int) -> str:

@@ -24,13 +24,11 @@ request line, header or a smuggled framing header on an HTTP/1.1 backend survive
 from __future__ import annotations
 
 import re
-import secrets
-import uuid
 from collections.abc import Iterable, Sequence
 
-from loom.hbone.headers import build_traceparent, parse_traceparent
 from waypoint.model import HeaderEdits
 from waypoint.proxy.message import HTTP2, Headers, RequestHead
+from waypoint.telemetry import ensure_request_id, propagate_trace
 
 # RFC 9110 §7.6.1 and the proxy-specific ones every proxy drops; `te` is kept separately when it is
 # "trailers" (gRPC needs it on HTTP/2).
@@ -117,18 +115,15 @@ def set_header(headers: Headers, name: str, value: str) -> None:
 
 
 def prepare_request_headers(headers: Headers) -> None:
-    """In place: x-request-id and traceparent when missing or malformed (generated, then propagated
-    unchanged); x-forwarded-proto: the hop from the client's ztunnel is always plaintext inside mTLS,
-    so anything but an http/https value set by an earlier proxy is replaced by "http"; and identity
-    headers a client could forge (x-forwarded-client-cert) removed: the only identity the waypoint
-    vouches for is the one mTLS proved, which backends learn from HBONE, never from a header."""
+    """In place: x-request-id when missing or malformed (generated) and traceparent with this hop's
+    span id (a new trace when missing or malformed), see waypoint.telemetry; x-forwarded-proto: the hop
+    from the client's ztunnel is always plaintext inside mTLS, so anything but an http/https value set
+    by an earlier proxy is replaced by "http"; and identity headers a client could forge
+    (x-forwarded-client-cert) removed: the only identity the waypoint vouches for is the one mTLS
+    proved, which backends learn from HBONE, never from a header."""
     headers[:] = [(n, v) for n, v in headers if n not in FORGEABLE_IDENTITY_HEADERS]
-    request_id = next((v for n, v in headers if n == "x-request-id"), None)
-    if request_id is None or _REQUEST_ID.fullmatch(request_id) is None:
-        set_header(headers, "x-request-id", str(uuid.UUID(bytes=secrets.token_bytes(16), version=4)))
-    traceparent = next((v for n, v in headers if n == "traceparent"), None)
-    if traceparent is None or parse_traceparent(traceparent) is None:
-        set_header(headers, "traceparent", build_traceparent())
+    with_id, _ = ensure_request_id(headers)
+    headers[:] = propagate_trace(with_id)  # this hop's span under the client's trace, or a new trace
     proto = next((v for n, v in headers if n == "x-forwarded-proto"), None)
     if proto not in ("http", "https"):
         set_header(headers, "x-forwarded-proto", "http")

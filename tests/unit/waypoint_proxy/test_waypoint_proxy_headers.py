@@ -148,7 +148,10 @@ def test_prepare_request_headers() -> None:
     kept = [("x-request-id", "abc-1"), ("traceparent", names["traceparent"]), ("x-forwarded-proto", "https")]
     again = list(kept)
     prepare_request_headers(again)
-    assert again == kept
+    assert dict(again)["x-request-id"] == "abc-1" and dict(again)["x-forwarded-proto"] == "https"
+    parent, child = parse_traceparent(names["traceparent"]), parse_traceparent(dict(again)["traceparent"])
+    assert parent is not None and child is not None
+    assert child.trace_id == parent.trace_id and child.parent_id != parent.parent_id  # this hop's span
     invalid = [("x-request-id", "bad id\t"), ("traceparent", "00-zz")]
     prepare_request_headers(invalid)
     assert dict(invalid)["x-request-id"] != "bad id\t" and dict(invalid)["traceparent"] != "00-zz"
