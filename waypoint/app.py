@@ -183,8 +183,7 @@ class WaypointApp:
 
     # -- the proxy's interfaces --------------------------------------------------------------------
     def resolve(self, ip: str, port: int) -> Destination | None:
-        service = self.state.resolve(ip, port)
-        return Destination(service) if service is not None else None
+        return self.state.resolve(ip, port)
 
     def route(self, request: RequestView) -> RouteAction:
         return self._router.route(request)

@@ -4,9 +4,9 @@ The waypoint receives the same Address resources as a node proxy (ztunnel's `Pro
 plus its own WaypointConfig (`waypoint.xds.WaypointView`). This module answers, without I/O:
 
 * `resolve(ip, port)`: the CONNECT target a client's ztunnel dialled -> the Service it addressed
-  (a VIP:port of a Service bound to this waypoint). Only Services the controller says are bound to this
-  waypoint are served: anything else is refused, so a waypoint can never be used as an open relay into
-  Services it does not guard.
+  (a VIP:port of a Service bound to this waypoint), or a pod bound to it (`Workload.waypoint`, for
+  waypoints of type workload/all), whose requests then go to that pod only. Anything the controller
+  did not bind to this waypoint is refused, so a waypoint can never be used as an open relay.
 * `service_ref(namespace, name, port)`: the resolver HTTPRoute backendRefs use (any Service of the mesh,
   as a route may send traffic to a Service not bound to this waypoint).
 * `endpoints(ref)`: the healthy HBONE-capable pods behind a Service, as `model.Endpoint`s with their
@@ -20,12 +20,21 @@ from the port's appProtocol or name prefix (http, http2, grpc); anything else is
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from loom.api import workload_pb2
 from waypoint.model import AppProtocol, Endpoint, ServiceRef
+from waypoint.proxy.interfaces import Destination
 from waypoint.xds import WaypointView
 from ztunnel.state.store import ProxyState
-from ztunnel.state.workload import Service, service_key, speaks_hbone, workload_identity, workload_ips
+from ztunnel.state.workload import (
+    Service,
+    Workload,
+    service_key,
+    speaks_hbone,
+    workload_identity,
+    workload_ips,
+)
 
 _PROTOCOLS = {
     workload_pb2.AppProtocol.HTTP11: AppProtocol.HTTP,
@@ -60,16 +69,71 @@ class WaypointState:
             return False
         return any(s.namespace == service.namespace and s.name == service.name for s in self.view.services)
 
-    def resolve(self, ip: str, port: int) -> ServiceRef | None:
-        """The Service bound to this waypoint that owns VIP `ip`, at its port `port`; None otherwise."""
+    def resolve(self, ip: str, port: int) -> Destination | None:
+        """Where a CONNECT to `ip`:`port` leads: a Service bound to this waypoint (its VIP), or a pod
+        bound to it (traffic addressed to the pod, for waypoints of type workload/all), which then
+        pins the endpoint. None for anything this waypoint does not guard."""
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
             return None
         for service in self.addresses.services_at(address):
             if self._served(service):
-                return _ref(service, port)
-        return None
+                ref = _ref(service, port)
+                return Destination(ref) if ref is not None else None
+        workload = self.addresses.workload_by_ip(address)
+        if workload is None or not self._bound_workload(workload):
+            return None
+        return Destination(self._workload_service(workload, port), self._endpoint(workload, ip, port))
+
+    def _waypoint_vips(self) -> set[bytes]:
+        if self.view is None:
+            return set()
+        hostname = f"{self.view.name}.{self.view.namespace}.svc."
+        return {
+            vip.address
+            for service in self.addresses.services()
+            if service.namespace == self.view.namespace and service.hostname.startswith(hostname)
+            for vip in service.addresses
+        }
+
+    def _bound_workload(self, workload: Workload) -> bool:
+        """Whether the controller bound this pod to this waypoint (`Workload.waypoint`)."""
+        if self.view is None or not workload.HasField("waypoint"):
+            return False
+        gateway = workload.waypoint
+        if gateway.HasField("hostname"):
+            return gateway.hostname.namespace == self.view.namespace and gateway.hostname.hostname.startswith(
+                f"{self.view.name}.{self.view.namespace}.svc."
+            )
+        return gateway.address.address in self._waypoint_vips()
+
+    def _workload_service(self, workload: Workload, port: int) -> ServiceRef:
+        """The Service of this pod whose target port is `port` (routes and policies attach to
+        Services); without one, the pod itself stands in as a TCP destination."""
+        for key, ports in workload.services.items():
+            service = self.addresses.service(key)
+            if service is None:
+                continue
+            for entry in service.ports:
+                target = next((p.target_port for p in ports.ports if p.service_port == entry.service_port), 0)
+                if (target or entry.target_port) == port:
+                    ref = _ref(service, entry.service_port)
+                    if ref is not None:
+                        return replace(ref, target_port=port)
+        name = workload.workload_name or workload.name
+        return ServiceRef(workload.namespace, name, name, port, port, AppProtocol.TCP)
+
+    @staticmethod
+    def _endpoint(workload: Workload, ip: str, port: int) -> Endpoint:
+        return Endpoint(
+            ip=ip,
+            port=port,
+            identity=workload_identity(workload),
+            workload=workload.workload_name or workload.name,
+            namespace=workload.namespace,
+            node=workload.node,
+        )
 
     def service_ref(self, namespace: str, name: str, port: int) -> ServiceRef | None:
         for service in self.addresses.services():

@@ -130,7 +130,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     3600000,
 )
 DEFAULT_LABEL_CACHE_SIZE = 4096
-MAX_EXTRA_REASONS = 32
+MAX_EXTRA_REASONS = 64  # the proxy names its refusals finely (te_and_cl, bad_path, rapid_reset, ...)
 
 # Labels on pods that name the canonical service and revision, most specific first (Istio's rules).
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
