@@ -164,7 +164,7 @@ class UpstreamPools:
 
     def _h1_idle(self, key: EndpointKey, entry: _Entry, connection: H1Upstream) -> None:
         if self._closed or len(entry.idle) >= self.limits.h1_max_idle_per_endpoint:
-            connection.close()
+            connection.close_idle()
             return
         entry.idle.append(connection)
 
@@ -242,7 +242,10 @@ class UpstreamPools:
                 for connection in [c for c in entry.idle if now - c.idle_since >= timeout or not c.usable]:
                     entry.idle.remove(connection)
                     self.stats.expired += 1
-                    connection.close()
+                    if connection.usable:
+                        connection.close_idle()
+                    else:
+                        connection.close()
                 for h2conn in [c for c in entry.h2 if not c.streams and now - c.idle_since >= timeout]:
                     entry.h2.remove(h2conn)
                     self.stats.expired += 1

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Final
 
 import h11
 
@@ -73,6 +74,10 @@ def response_head_from_h11(event: h11.Response | h11.InformationalResponse) -> R
     return ResponseHead(event.status_code, headers, content_length)
 
 
+# How long a politely closed idle tunnel may take to finish before it is reset.
+IDLE_CLOSE_GRACE: Final = 1.0
+
+
 class H1Upstream:
     """An HTTP/1.1 client connection on an HBONE tunnel; one request at a time."""
 
@@ -99,6 +104,21 @@ class H1Upstream:
     @property
     def usable(self) -> bool:
         return not self.closed and not self.tunnel.closed and self.conn.our_state is h11.IDLE
+
+    def close_idle(self) -> None:
+        """Close a connection with no request in flight the polite way: END_STREAM on the tunnel, so the
+        backend's ztunnel sees a clean close (not a reset it would count as a failed connection); the
+        tunnel is reset only if the backend side has not finished within IDLE_CLOSE_GRACE."""
+        if self.closed:
+            return
+        tunnel = self.tunnel
+        try:
+            tunnel.write_eof()
+        except Exception:
+            self.close()
+            return
+        self.close(keep_tunnel=True)
+        asyncio.get_running_loop().call_later(IDLE_CLOSE_GRACE, tunnel.close)
 
     def close(self, *, keep_tunnel: bool = False) -> None:
         if self.closed:
