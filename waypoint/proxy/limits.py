@@ -77,8 +77,10 @@ class ProxyLimits:
     # --- upstream (waypoint -> backend pods over HBONE)
     # Envoy's default circuit breaker: connections per endpoint; over it the request fails 503 UO.
     max_connections_per_endpoint: int = 1024
-    # Idle HTTP/1.1 connections kept per endpoint for reuse.
-    h1_max_idle_per_endpoint: int = 16
+    # Idle HTTP/1.1 connections kept per endpoint for reuse. Must cover the concurrency a busy client
+    # brings: with 16, 32 concurrent clients made the waypoint open a new tunnel for every second
+    # request (bench/waypoint_pair.py); idle ones expire after upstream_idle_timeout anyway.
+    h1_max_idle_per_endpoint: int = 128
     # HTTP/2 backends get one multiplexed connection; more only when its streams are all in use.
     h2_max_connections_per_endpoint: int = 4
     # An upstream connection without requests for this long is closed (well under the 60 s the lab
