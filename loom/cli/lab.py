@@ -71,7 +71,8 @@ def run_up(args: argparse.Namespace) -> int:
     for line in report:
         print(line)
     print("lab: up — `loomctl lab status` shows it, `loomctl lab down` removes it", file=sys.stderr)
-    return 0
+    # The lab is up either way; invalid objects in the files were refused (and named above).
+    return 1 if any(line.startswith("Error:") for line in report) else 0
 
 
 def run_down(args: argparse.Namespace) -> int:

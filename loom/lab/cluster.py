@@ -276,6 +276,8 @@ class Cluster:
                 self.save_state(state)
             elif state.prefix != self.prefix:
                 raise LabError(f"a lab with prefix {state.prefix!r} is up in {self.lab_dir}")
+            elif nodes != len(state.nodes):
+                progress(f"  ! the lab has {len(state.nodes)} nodes; --nodes counts only when it is created")
             self._build_network(state, progress)
             report = self._apply(files, progress) if files else []
             self._start_control_plane(state, progress)
