@@ -630,7 +630,9 @@ class Cluster:
             f"K8S_POD_UID={record.uid}",
         }
         self.log_path(f"cni/{record.node}").parent.mkdir(parents=True, exist_ok=True)
-        plugin = [sys.executable, "-m", "cni.plugin_main"]
+        # As a runtime does: the binary named by the config's "type", found in CNI_PATH.
+        binary = Path(env["CNI_PATH"]) / "loom-cni"
+        plugin = [str(binary)] if binary.exists() else [sys.executable, "-m", "cni.plugin_main"]
         deadline = time.monotonic() + CNI_TIMEOUT
         while True:
             result = subprocess.run(
