@@ -18,6 +18,11 @@ served next to the translation to that waypoint only; waypoints authenticate wit
 (controller/waypoints/reconciler.py) after every snapshot and whenever it asks to be run again: on
 Kubernetes through the API server, in directory mode into the lab store given by `--lab-store`.
 
+Root certificate: in Kubernetes mode a publisher (controller/rootcert.py) keeps the ConfigMap
+`istio-ca-root-cert` (the CA's trust bundle, which ztunnel and waypoints mount) in every namespace, as
+istiod does; it runs after every snapshot (new namespaces) and rereads every namespace's ConfigMap
+periodically (restoring deleted or edited ones).
+
 Snapshots arriving while a translation runs are coalesced: the worker always translates the newest one
 next, so a burst of N changes costs at most two translations. A translation that raises is logged and
 counted, and the previous state stays served (never an empty one). `/ready` answers 200 only once the
@@ -41,7 +46,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from aiohttp import web
@@ -66,6 +71,9 @@ from controller.xds.server import XdsServer
 from loom.identity import Identity
 from loom.resources.diagnostics import Diagnostic, Severity
 from loom.resources.model import AuthorizationPolicy, ConfigSnapshot, ResourceKey
+
+if TYPE_CHECKING:
+    from controller.rootcert import RootCertPublisher
 
 logger = logging.getLogger("controller.app")
 
@@ -138,6 +146,8 @@ class ControllerApp:
         self.lab_mesh_credentials: LabMeshAuthenticator | None = None
         self.waypoints: WaypointReconciler | None = None
         self._waypoint_wake = asyncio.Event()
+        self.root_certs: RootCertPublisher | None = None  # Kubernetes mode only
+        self._root_cert_wake = asyncio.Event()
         self.xds: XdsServer | None = None
         self.grpc_port = 0
         self.http_port = 0
@@ -190,6 +200,8 @@ class ControllerApp:
         ]
         if config.kubernetes:
             self._tasks.append(asyncio.create_task(self._status_writer(), name="policy-status"))
+            self.root_certs = self._make_root_cert_publisher(source, authority)
+            self._tasks.append(asyncio.create_task(self._root_cert_loop(self.root_certs), name="root-cert"))
         if config.deploy_waypoints:
             self.waypoints = self._make_waypoint_reconciler(source)
             self._tasks.append(asyncio.create_task(self._waypoint_loop(self.waypoints), name="waypoints"))
@@ -361,6 +373,23 @@ class ControllerApp:
             credentials=LabCredentialFiles(self.lab_mesh_credentials.issue_waypoint_token, lab),
         )
 
+    def _make_root_cert_publisher(
+        self, source: ConfigSource, authority: CertificateAuthority
+    ) -> RootCertPublisher:
+        """The CA's trust bundle as istio-ca-root-cert in every namespace (controller/rootcert.py)."""
+        from controller.rootcert import ConfigMapWriter, RootCertPublisher
+
+        if not all(hasattr(source, m) for m in ("get_object", "create_or_update")):
+            raise StartupError("Kubernetes mode needs a source that can write objects (istio-ca-root-cert)")
+        return RootCertPublisher(
+            cast(ConfigMapWriter, source), lambda: authority.trust_bundle_pem, registry=self.metrics.registry
+        )
+
+    async def _root_cert_loop(self, publisher: RootCertPublisher) -> None:
+        from controller.rootcert import namespace_names
+
+        await publisher.run(self._root_cert_wake, lambda: namespace_names(self._snapshot))
+
     def _waypoint_xds_address(self) -> HostPort:
         """Where waypoints dial the controller: as configured, else the gRPC listen address if it is a
         specific one, else the first serving-certificate IP (the lab), else its first DNS name."""
@@ -419,6 +448,7 @@ class ControllerApp:
         self.metrics.config_objects.set(len(snapshot))
         self._changed.set()
         self._waypoint_wake.set()
+        self._root_cert_wake.set()
 
     async def _run_source(self, source: ConfigSource) -> None:
         delay, max_delay = SOURCE_RESTART_SECONDS

@@ -16,6 +16,14 @@ One informer task per watched resource runs the classic reflector loop:
     LIST answers 404  -> the CRD is not installed: a warning diagnostic, the kind is empty, and the
                          informer LISTs again every `missing_retry` seconds; other kinds are unaffected
 
+A resource may carry a field selector (`ApiResource.field_selector`, sent as `fieldSelector` on its LIST
+and WATCH): the API server then lists only the matching objects, and on the watch an object that stops
+matching arrives as DELETED and one that starts matching as ADDED, so the informer loop above needs no
+change. The node agent uses this to follow only the pods of its own node (`pods_on_node`), as Istio's
+node agent does: without it every node would list and watch every pod of the cluster. A source watches
+each kind at most once, because the snapshot keys objects by kind, namespace and name, and two selections
+of one kind would overwrite and delete each other's objects there.
+
 Handlers are idempotent because a relist and an old watch can overlap. The cache keeps the last good
 state through any outage: an unreachable API server never empties the snapshot (emptying it would drop
 every AuthorizationPolicy, i.e. fail open).
@@ -33,14 +41,15 @@ of typed models, which are slow at scale. Watch lines are read from the raw resp
 
 Writes (`patch_annotations`, `patch_status`, `create_or_update`, `delete_object`, `token_review`) are
 the ones Istio makes too: the ambient redirection annotation on pods, status conditions on Gateways and
-AuthorizationPolicies, the waypoint's ServiceAccount/Deployment/Service, and TokenReview for node
-authentication at the CA.
+AuthorizationPolicies, the waypoint's ServiceAccount/Deployment/Service, the istio-ca-root-cert
+ConfigMap in every namespace, and TokenReview for node authentication at the CA.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -58,6 +67,7 @@ from controller.sources.base import ChangeCallback
 from loom.resources.diagnostics import Diagnostic, Severity
 from loom.resources.loader import ObjectInvalid, UnsupportedKind, parse_object
 from loom.resources.model import ConfigSnapshot, Origin, Resource, ResourceKey
+from loom.resources.parse_common import dns_subdomain_problem
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +85,43 @@ MAX_WRITE_CONFLICTS: Final = 5
 # what is watched and written
 
 
+def field_selector_problem(selector: str) -> str | None:
+    """What is syntactically wrong with a field selector, or None. The API server decides which fields
+    a kind can be selected by; this only catches terms that no server would understand (no operator, no
+    field name), so such a mistake fails at construction instead of as a LIST retried forever."""
+    for term in _split_unescaped_commas(selector):
+        if not term:
+            continue  # the API server skips empty terms too (e.g. a trailing comma)
+        if "=" not in term:
+            return f"term {term!r} has no operator (=, == or !=)"
+        if not term.split("=", 1)[0].removesuffix("!").strip():
+            return f"term {term!r} names no field"
+    return None
+
+
+def _split_unescaped_commas(selector: str) -> list[str]:
+    """Split at the commas that separate terms (a value may contain an escaped `\\,`)."""
+    terms, start, escaped = [], 0, False
+    for index, char in enumerate(selector):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            terms.append(selector[start:index])
+            start = index + 1
+    terms.append(selector[start:])
+    return terms
+
+
 @dataclass(frozen=True, slots=True)
 class ApiResource:
-    """One REST resource of the Kubernetes API."""
+    """One REST resource of the Kubernetes API, optionally narrowed by a field selector.
+
+    `field_selector` (e.g. `spec.nodeName=node-1`) is sent as `fieldSelector` on LIST and WATCH of the
+    resource; "" selects every object. It takes part in equality and hashing, so `PODS` and a
+    node-scoped pods resource are different informers; writes never use it.
+    """
 
     group: str  # "" for the core group
     version: str
@@ -85,6 +129,30 @@ class ApiResource:
     kind: str
     namespaced: bool = True
     custom: bool = False  # defined by a CRD, which may not be installed
+    field_selector: str = ""
+
+    def __post_init__(self) -> None:
+        problem = field_selector_problem(self.field_selector)
+        if problem is not None:
+            raise ValueError(
+                f"{self.qualified_name}: invalid field selector {self.field_selector!r}: {problem}"
+            )
+
+    def with_field_selector(self, selector: str) -> ApiResource:
+        """This resource narrowed to the objects `selector` matches (replacing any previous selector)."""
+        return dataclasses.replace(self, field_selector=selector)
+
+    @property
+    def selection_query(self) -> list[tuple[str, str]]:
+        """The query parameters of LIST and WATCH that narrow the collection to this resource's objects."""
+        return [("fieldSelector", self.field_selector)] if self.field_selector else []
+
+    @property
+    def description(self) -> str:
+        """For logs and diagnostics: the qualified name and, if any, the field selector."""
+        if self.field_selector:
+            return f"{self.qualified_name} ({self.field_selector})"
+        return self.qualified_name
 
     @property
     def api_version(self) -> str:
@@ -111,6 +179,7 @@ PODS: Final = ApiResource("", "v1", "pods", "Pod")
 SERVICES: Final = ApiResource("", "v1", "services", "Service")
 SERVICE_ACCOUNTS: Final = ApiResource("", "v1", "serviceaccounts", "ServiceAccount")
 DEPLOYMENTS: Final = ApiResource("apps", "v1", "deployments", "Deployment")
+CONFIG_MAPS: Final = ApiResource("", "v1", "configmaps", "ConfigMap")
 AUTHORIZATION_POLICIES: Final = ApiResource(
     "security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", custom=True
 )
@@ -119,6 +188,23 @@ PEER_AUTHENTICATIONS: Final = ApiResource(
 )
 GATEWAYS: Final = ApiResource("gateway.networking.k8s.io", "v1", "gateways", "Gateway", custom=True)
 HTTP_ROUTES: Final = ApiResource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", custom=True)
+
+
+def pods_on_node(node: str) -> ApiResource:
+    """The pods scheduled on `node` (`fieldSelector=spec.nodeName=<node>`), as a node agent watches them.
+
+    An empty `node` returns `PODS`, the cluster-wide watch: an agent that does not know its node name
+    must see every pod. A node name that is not a DNS subdomain (what Kubernetes requires of Node names)
+    is refused with ValueError rather than being pasted into the selector, where characters such as
+    `,` or `=` would change what the selector means.
+    """
+    if not node:
+        return PODS
+    problem = dns_subdomain_problem(node)
+    if problem is not None:
+        raise ValueError(f"node name: {problem}")
+    return PODS.with_field_selector(f"spec.nodeName={node}")
+
 
 # What the controller watches. Deployments are not watched: the controller sees pods directly.
 WATCHED_RESOURCES: Final[tuple[ApiResource, ...]] = (
@@ -131,8 +217,9 @@ WATCHED_RESOURCES: Final[tuple[ApiResource, ...]] = (
     GATEWAYS,
     HTTP_ROUTES,
 )
-# What loom may write (the waypoint reconciler creates Deployments).
-WRITABLE_RESOURCES: Final[tuple[ApiResource, ...]] = (*WATCHED_RESOURCES, DEPLOYMENTS)
+# What loom may write: the waypoint reconciler creates Deployments, and the root certificate publisher
+# (controller/rootcert.py) the istio-ca-root-cert ConfigMaps.
+WRITABLE_RESOURCES: Final[tuple[ApiResource, ...]] = (*WATCHED_RESOURCES, DEPLOYMENTS, CONFIG_MAPS)
 _BY_KIND: Final[Mapping[str, ApiResource]] = {r.kind: r for r in WRITABLE_RESOURCES}
 _BY_API: Final[Mapping[tuple[str, str], ApiResource]] = {
     (r.api_version, r.kind): r for r in WRITABLE_RESOURCES
@@ -435,6 +522,17 @@ class KubernetesSource:
         self._factory = api_client_factory
         self._settings = settings or KubernetesSourceSettings()
         self._resources = tuple(resources)
+        by_kind: dict[str, ApiResource] = {}
+        for resource in self._resources:
+            other = by_kind.get(resource.kind)
+            if other is not None:
+                # The snapshot keys objects by (kind, namespace, name): two informers of one kind would
+                # overwrite each other's objects, and one's DELETED would remove what the other still has.
+                raise ValueError(
+                    f"{resource.kind} is watched twice ({other.description} and {resource.description}); "
+                    "a KubernetesSource watches each kind at most once"
+                )
+            by_kind[resource.kind] = resource
         self._client: k8s_client.ApiClient | None = None
         self._client_lock: asyncio.Lock | None = None
         self.cache = ObjectCache()
@@ -616,7 +714,7 @@ class KubernetesSource:
                 self.stats.relists_after_gone += 1
                 log.info(
                     "%s: resourceVersion %s is too old; relisting",
-                    resource.qualified_name,
+                    resource.description,
                     state.resource_version,
                 )
                 need_list = True
@@ -626,7 +724,7 @@ class KubernetesSource:
             except _StreamBroken as err:
                 log.info(
                     "%s: watch stream broke (%s); watching again from %s",
-                    resource.qualified_name,
+                    resource.description,
                     err,
                     state.resource_version,
                 )
@@ -640,12 +738,12 @@ class KubernetesSource:
                     hint = (
                         " (does loom's ClusterRole grant list and watch on it?)" if err.status == 403 else ""
                     )
-                    log.warning("%s: %s%s; retrying", resource.qualified_name, err, hint)
+                    log.warning("%s: %s%s; retrying", resource.description, err, hint)
                     await asyncio.sleep(backoff.next_delay())
             except KubernetesUnreachable as err:
                 self.stats.request_failures += 1
                 need_list = True
-                log.warning("%s: API server unreachable (%s); retrying", resource.qualified_name, err)
+                log.warning("%s: API server unreachable (%s); retrying", resource.description, err)
                 await asyncio.sleep(backoff.next_delay())
 
     def _mark_missing(self, state: _InformerState) -> None:
@@ -678,7 +776,7 @@ class KubernetesSource:
         resource_version = ""
         continue_token = ""
         for _page in range(MAX_LIST_PAGES):
-            query = [("limit", str(self._settings.page_size))]
+            query = [("limit", str(self._settings.page_size)), *resource.selection_query]
             if continue_token:
                 query.append(("continue", continue_token))
             body = await self._request_json("GET", path, query=query)
@@ -704,7 +802,7 @@ class KubernetesSource:
         state.resource_version = resource_version
         was_ready = self.ready
         if state.status is not None:
-            log.info("%s is available now", resource.qualified_name)
+            log.info("%s is available now", resource.description)
             state.status = None
             changed = True
         state.listed = True
@@ -719,6 +817,7 @@ class KubernetesSource:
             ("watch", "true"),
             ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", str(max(1, round(settings.watch_timeout)))),
+            *resource.selection_query,
         ]
         if state.resource_version:
             query.append(("resourceVersion", state.resource_version))

@@ -24,6 +24,17 @@ Behaviour that mirrors the real server and that clients commonly get wrong:
   * writes that change nothing do not bump the revision (so they produce no watch event);
   * updates of the main resource ignore `status`, and the `/status` subresource changes only `status`.
 
+Field selectors (`fieldSelector` on LIST and WATCH) work as on the real server: comma-separated terms
+`field=value`, `field==value` or `field!=value` (values may escape `\\`, `,` and `=` with a backslash),
+all of which must hold. Each kind accepts the fields the real server accepts for it (pods: `spec.nodeName`,
+`status.phase`, `metadata.name`, ... see `_SELECTABLE_FIELDS`; kinds without a table only `metadata.name`
+and `metadata.namespace`); any other field is a 400 `BadRequest` with the real server's message, e.g.
+`field label not supported: spec.foo`. Values are read from the stored object as it is (the fake applies
+no defaulting, so a pod stored without `status.phase` has phase ""). On a watch, an update that makes an
+object stop matching is sent as DELETED (the previous content at the new resourceVersion) and one that
+makes it start matching as ADDED, exactly like the real server's watch cache; replays from the history
+are filtered the same way.
+
 Test controls: `add`/`update`/`apply`/`delete`/`get`, `compact()`, `send_bookmark()`,
 `fail_next(resource, status)`, `drop_watches()` (abrupt close, no terminating chunk), `install`/`uninstall`
 of CRD-backed resources, a TokenReview token table (`tokens`), and a request log (`requests`) with
@@ -100,6 +111,7 @@ DEFAULT_RESOURCES: Final[tuple[FakeResource, ...]] = (
     FakeResource("", "v1", "services", "Service"),
     FakeResource("", "v1", "serviceaccounts", "ServiceAccount", has_status=False),
     FakeResource("apps", "v1", "deployments", "Deployment"),
+    FakeResource("", "v1", "configmaps", "ConfigMap", has_status=False),
     FakeResource("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", custom=True),
     FakeResource("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", custom=True),
     FakeResource("gateway.networking.k8s.io", "v1", "gateways", "Gateway", custom=True),
@@ -194,6 +206,9 @@ class _HistoryEvent:
     namespace: str
     type: str  # ADDED | MODIFIED | DELETED
     obj: Mapping[str, Any]
+    # The object before a MODIFIED event: a field-selected watch needs it to tell an object that starts
+    # or stops matching (sent as ADDED / DELETED) from one that keeps matching (MODIFIED).
+    previous: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +234,7 @@ class _OpenWatch:
     resource: FakeResource
     namespace: str | None
     bookmarks: bool
+    selector: _FieldSelector | None = None  # None: every object
     queue: asyncio.Queue[Mapping[str, Any] | str] = field(default_factory=asyncio.Queue)
 
 
@@ -484,15 +500,24 @@ class FakeApiServer:
         return self._revision
 
     def _record_event(
-        self, resource: FakeResource, namespace: str, event_type: str, obj: dict[str, Any]
+        self,
+        resource: FakeResource,
+        namespace: str,
+        event_type: str,
+        obj: dict[str, Any],
+        previous: Mapping[str, Any] | None = None,
     ) -> None:
         if len(self._history) == self._history.maxlen:
             self._compacted_revision = self._history[0].revision
         frozen = copy.deepcopy(obj)
-        self._history.append(_HistoryEvent(self._revision, resource, namespace, event_type, frozen))
+        frozen_previous = copy.deepcopy(dict(previous)) if previous is not None else None
+        event = _HistoryEvent(self._revision, resource, namespace, event_type, frozen, frozen_previous)
+        self._history.append(event)
         for watch in self._watches:
             if watch.resource == resource and watch.namespace in (None, namespace):
-                watch.queue.put_nowait({"type": event_type, "object": frozen})
+                selected = _selected_event(event, watch.selector)
+                if selected is not None:
+                    watch.queue.put_nowait(selected)
 
     def _create(self, resource: FakeResource, namespace: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
         obj = copy.deepcopy(dict(manifest))
@@ -569,7 +594,7 @@ class FakeApiServer:
             return current  # a no-op write does not bump the revision, so watchers see nothing
         new["metadata"]["resourceVersion"] = str(self._next_revision())
         self._stores[resource][key] = new
-        self._record_event(resource, key[0], "MODIFIED", new)
+        self._record_event(resource, key[0], "MODIFIED", new, previous=current)
         return new
 
     def _delete(self, resource: FakeResource, namespace: str, name: str) -> dict[str, Any]:
@@ -713,6 +738,7 @@ class FakeApiServer:
 
     def _serve_list(self, target: _Target, query: Mapping[str, str]) -> dict[str, Any]:
         resource = target.resource
+        selector = _parse_field_selector(resource, query.get("fieldSelector", ""))
         continue_token = query.get("continue", "")
         try:
             limit = int(query.get("limit", "0") or "0")
@@ -734,7 +760,8 @@ class FakeApiServer:
             items = [
                 _list_item(resource, store[k])
                 for k in sorted(store)
-                if target.namespace is None or k[0] == target.namespace
+                if (target.namespace is None or k[0] == target.namespace)
+                and (selector is None or selector.matches(resource, store[k]))
             ]
         metadata: dict[str, Any] = {"resourceVersion": str(revision)}
         if limit > 0 and len(items) > limit:
@@ -756,6 +783,7 @@ class FakeApiServer:
         self, request: web.Request, target: _Target, query: Mapping[str, str]
     ) -> web.StreamResponse:
         resource = target.resource
+        selector = _parse_field_selector(resource, query.get("fieldSelector", ""))
         bookmarks = _parse_bool(query.get("allowWatchBookmarks", "false")) is True
         timeout: float | None = None
         if "timeoutSeconds" in query:
@@ -773,7 +801,8 @@ class FakeApiServer:
             initial = [
                 {"type": "ADDED", "object": store[k]}
                 for k in sorted(store)
-                if target.namespace is None or k[0] == target.namespace
+                if (target.namespace is None or k[0] == target.namespace)
+                and (selector is None or selector.matches(resource, store[k]))
             ]
         else:
             try:
@@ -791,14 +820,15 @@ class FakeApiServer:
                     }
                 ]
             else:
-                initial = [
-                    {"type": e.type, "object": e.obj}
+                replay = (
+                    _selected_event(e, selector)
                     for e in self._history
                     if e.revision > since
                     and e.resource == resource
                     and (target.namespace is None or e.namespace == target.namespace)
-                ]
-        watch = _OpenWatch(resource, target.namespace, bookmarks)
+                )
+                initial = [event for event in replay if event is not None]
+        watch = _OpenWatch(resource, target.namespace, bookmarks, selector)
         if not expired:
             self._watches.append(watch)
             self._wake()
@@ -951,3 +981,217 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _ApiError(400, "the request body must be a JSON object")
     return body
+
+
+# ----------------------------------------------------------------------------------------------------
+# field selectors
+
+_FieldValue = Callable[[Mapping[str, Any]], str]
+
+
+def _at(*path: str) -> _FieldValue:
+    """The string at `path` in the object ("" when absent, as Go's zero value reads)."""
+
+    def read(obj: Mapping[str, Any]) -> str:
+        value: Any = obj
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return "" if value is None else str(value)
+
+    return read
+
+
+def _bool_at(*path: str) -> _FieldValue:
+    """A boolean field formatted as the server does (strconv.FormatBool): absent is "false"."""
+    read = _at(*path)
+    return lambda obj: read(obj) or "false"
+
+
+def _pod_ip(obj: Mapping[str, Any]) -> str:
+    """The server selects `status.podIP` by the first of `status.podIPs`; the fake also reads objects
+    that only set `status.podIP` (the real server keeps the two in step)."""
+    status = obj.get("status")
+    ips = status.get("podIPs") if isinstance(status, Mapping) else None
+    if isinstance(ips, list) and ips and isinstance(ips[0], Mapping):
+        return _at("ip")(ips[0])
+    return _at("status", "podIP")(obj)
+
+
+@dataclass(frozen=True, slots=True)
+class _SelectableFields:
+    """What a kind's field label conversion accepts on the real server, and how the fake reads each
+    field's value from a stored object."""
+
+    metadata: tuple[str, ...]  # which of metadata.name / metadata.namespace it accepts
+    fields: Mapping[str, _FieldValue]  # kind-specific fields
+    aliases: Mapping[str, str] = field(default_factory=dict)  # old field names still accepted
+    # The server's words for a refused field; kinds with their own conversion say it this way.
+    refusal: str = "field label not supported: {field}"
+
+    def accepts(self, field_name: str) -> bool:
+        return field_name in self.metadata or field_name in self.fields
+
+
+# Kinds not listed use the server's default conversion (`_DEFAULT_FIELDS`).
+_SELECTABLE_FIELDS: Final[Mapping[tuple[str, str], _SelectableFields]] = {
+    ("", "Pod"): _SelectableFields(
+        ("metadata.name", "metadata.namespace"),
+        {
+            "spec.nodeName": _at("spec", "nodeName"),
+            "spec.restartPolicy": _at("spec", "restartPolicy"),
+            "spec.schedulerName": _at("spec", "schedulerName"),
+            "spec.serviceAccountName": _at("spec", "serviceAccountName"),
+            "spec.hostNetwork": _bool_at("spec", "hostNetwork"),
+            "status.phase": _at("status", "phase"),
+            "status.podIP": _pod_ip,
+            # Accepted by the server's conversion but missing from a pod's selectable field set, so it
+            # reads as "" there: the same here.
+            "status.podIPs": lambda obj: "",
+            "status.nominatedNodeName": _at("status", "nominatedNodeName"),
+        },
+        {"spec.host": "spec.nodeName"},
+    ),
+    # Namespaces and Nodes are cluster-scoped: their conversions refuse metadata.namespace.
+    ("", "Namespace"): _SelectableFields(("metadata.name",), {"status.phase": _at("status", "phase")}),
+    ("", "Node"): _SelectableFields(
+        ("metadata.name",), {"spec.unschedulable": _bool_at("spec", "unschedulable")}
+    ),
+    ("", "Secret"): _SelectableFields(("metadata.name", "metadata.namespace"), {"type": _at("type")}),
+    ("", "Service"): _SelectableFields(
+        ("metadata.name", "metadata.namespace"),
+        {"spec.clusterIP": _at("spec", "clusterIP"), "spec.type": _at("spec", "type")},
+    ),
+}
+_DEFAULT_FIELDS: Final = _SelectableFields(
+    ("metadata.name", "metadata.namespace"),
+    {},
+    refusal='"{field}" is not a known field selector: only "metadata.name", "metadata.namespace"',
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldTerm:
+    field: str
+    value: str
+    equal: bool  # False for `!=`
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldSelector:
+    """A parsed `fieldSelector`: every term must hold."""
+
+    terms: tuple[_FieldTerm, ...]
+
+    def matches(self, resource: FakeResource, obj: Mapping[str, Any]) -> bool:
+        fields = _field_values(resource, obj)
+        return all((fields.get(t.field, "") == t.value) == t.equal for t in self.terms)
+
+
+def _field_values(resource: FakeResource, obj: Mapping[str, Any]) -> dict[str, str]:
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    values = {"metadata.name": str(meta.get("name", ""))}
+    if resource.namespaced:
+        values["metadata.namespace"] = str(meta.get("namespace", ""))
+    for name, read in _selectable_fields(resource).fields.items():
+        values[name] = read(obj)
+    return values
+
+
+def _selectable_fields(resource: FakeResource) -> _SelectableFields:
+    return _SELECTABLE_FIELDS.get((resource.group, resource.kind), _DEFAULT_FIELDS)
+
+
+def _parse_field_selector(resource: FakeResource, text: str) -> _FieldSelector | None:
+    """Parse a `fieldSelector` the way the API server does; an unparsable selector or a field the kind
+    cannot be selected by is a 400 with the server's message. None when there is nothing to select by."""
+    terms: list[_FieldTerm] = []
+    for part in sorted(_split_terms(text)):
+        if not part:
+            continue  # the server skips empty terms, e.g. after a trailing comma
+        split = _split_term(part)
+        if split is None:
+            raise _ApiError(400, f"invalid selector: '{text}'; can't understand '{part}'")
+        field_name, operator, raw_value = split
+        terms.append(
+            _FieldTerm(_convert_field_label(resource, field_name), _unescape(raw_value), operator != "!=")
+        )
+    return _FieldSelector(tuple(terms)) if terms else None
+
+
+def _split_terms(text: str) -> list[str]:
+    """Split at commas that are not escaped by a backslash."""
+    terms: list[str] = []
+    start, escaped = 0, False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            terms.append(text[start:index])
+            start = index + 1
+    terms.append(text[start:])
+    return terms
+
+
+def _split_term(term: str) -> tuple[str, str, str] | None:
+    """(field, operator, raw value) at the leftmost operator; `!=` and `==` win over `=` at one position."""
+    for index in range(len(term)):
+        for operator in ("!=", "==", "="):
+            if term.startswith(operator, index):
+                return term[:index], operator, term[index + len(operator) :]
+    return None
+
+
+def _unescape(value: str) -> str:
+    """The value of a selector term with `\\\\`, `\\,` and `\\=` unescaped; any other escape, or an
+    unescaped `,` or `=`, is a 400 (the server's messages)."""
+    result: list[str] = []
+    escaped = False
+    for char in value:
+        if escaped:
+            if char not in "\\,=":
+                raise _ApiError(400, f"invalid field selector: invalid escape sequence: \\{char}")
+            result.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in ",=":
+            raise _ApiError(400, f"invalid field selector: unescaped character in value: {char}")
+        else:
+            result.append(char)
+    if escaped:
+        raise _ApiError(400, "invalid field selector: invalid escape sequence: \\")
+    return "".join(result)
+
+
+def _convert_field_label(resource: FakeResource, field_name: str) -> str:
+    """The field a selector term refers to, or a 400 for one the kind cannot be selected by."""
+    selectable = _selectable_fields(resource)
+    field_name = selectable.aliases.get(field_name, field_name)
+    if not selectable.accepts(field_name):
+        raise _ApiError(400, selectable.refusal.format(field=field_name))
+    return field_name
+
+
+def _selected_event(event: _HistoryEvent, selector: _FieldSelector | None) -> dict[str, Any] | None:
+    """What a watch with `selector` receives for `event`, or None. An object that stops matching is a
+    DELETED of its previous content at the event's resourceVersion, one that starts matching an ADDED."""
+    if selector is None:
+        return {"type": event.type, "object": event.obj}
+    resource = event.resource
+    if event.type == "DELETED":
+        return {"type": "DELETED", "object": event.obj} if selector.matches(resource, event.obj) else None
+    matches_now = selector.matches(resource, event.obj)
+    matched_before = event.previous is not None and selector.matches(resource, event.previous)
+    if matches_now:
+        return {"type": "MODIFIED" if matched_before else "ADDED", "object": event.obj}
+    if matched_before:
+        assert event.previous is not None
+        gone = copy.deepcopy(dict(event.previous))
+        gone["metadata"]["resourceVersion"] = str(event.revision)
+        return {"type": "DELETED", "object": gone}
+    return None

@@ -309,7 +309,7 @@ async def test_test_controls_report_misuse_clearly(api: FakeApiServer) -> None:
     with pytest.raises(ValueError, match="namespace"):
         api.add({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nowhere"}})
     with pytest.raises(KeyError, match="no resource serves"):
-        api.add({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "d"}})
+        api.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "c", "namespace": "d"}})
     with pytest.raises(KeyError, match="does not exist"):
         api.delete("Pod", "default", "missing")
     stale = api.get("Pod", "default", "p")

@@ -471,9 +471,9 @@ async def test_create_or_update(api: FakeApiServer, source: KubernetesSource) ->
 
 
 async def test_create_or_update_rejects_unknown_kinds(source: KubernetesSource) -> None:
-    with pytest.raises(ValueError, match="ConfigMap"):
+    with pytest.raises(ValueError, match="Secret"):
         await source.create_or_update(
-            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "d"}}
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x", "namespace": "d"}}
         )
     with pytest.raises(ValueError, match=r"metadata\.namespace"):
         await source.create_or_update({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}})

@@ -5,9 +5,12 @@ real HTTP) with the arguments their manifests give them; every request they make
 (API group, resource, verb) the API server's RBAC would check. Each one must be allowed by the role
 bound to the process's service account, and each permission the role grants must have been used: a
 new call the code starts making fails here until the role allows it, and a grant the code no longer
-needs fails here until it is removed. The scenario makes every kind of call happen: a policy whose
-status the controller writes, a node proxy's CSR (TokenReview; the certificate it gets verifies against
-the root of the install's CA), a pod the agent annotates.
+needs fails here until it is removed. A rule limited to `resourceNames` allows only requests for those
+names, as in the API server. The scenario makes every kind of call happen: a policy whose status the
+controller writes, a node proxy's CSR (TokenReview; the certificate it gets verifies against the root of
+the install's CA), the root certificate ConfigMap created in every namespace and replaced where it is
+outdated, waypoint objects created, replaced where they drifted and deleted where their Gateway is gone,
+Gateway status, and a pod the agent annotates.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ from cni.agent.app import NodeAgentApp
 from cni.agent.main import config_from_args, parse_args
 from cni.agent.reconcile import REDIRECTION_ANNOTATION
 from controller.config import Config as ControllerConfig
+from controller.rootcert import CONFIGMAP_NAME, LABEL_MANAGED_BY, MANAGED_BY, ROOT_CERT_KEY
 from controller.sources.kubernetes import WATCHED_RESOURCES, KubernetesSource, KubernetesSourceSettings
+from controller.translate.waypoints import LABEL_GATEWAY_NAME
+from controller.waypoints.desired import LABEL_MANAGED
+from controller.waypoints.desired import MANAGED_BY as WAYPOINT_MANAGED_BY
 from deploy.tools.make_cacerts import ROOT_CERT, make_authorities, write_cacerts
 from loom.api import ca_pb2
 from loom.identity import Identity
@@ -72,14 +79,38 @@ def permission_of(request: RecordedRequest) -> Permission:
     return group, f"{resource}/{subresource}" if subresource else resource, verb
 
 
-def granted(role: Obj) -> set[Permission]:
+def name_of(request: RecordedRequest) -> str:
+    """The object name the API server checks against `resourceNames` ("" for collections and create)."""
+    parts = [p for p in request.path.split("/") if p]
+    rest = parts[2:] if parts[0] == "api" else parts[3:]
+    if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
+        rest = rest[2:]
+    return rest[1] if len(rest) > 1 else ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Grant:
+    """One (group, resource, verb) of a rule, with the rule's resourceNames (empty: any object)."""
+
+    permission: Permission
+    names: frozenset[str]
+
+    def allows(self, permission: Permission, name: str) -> bool:
+        return permission == self.permission and (not self.names or name in self.names)
+
+
+def grants(role: Obj) -> set[Grant]:
     return {
-        (group, resource, verb)
+        Grant((group, resource, verb), frozenset(rule.get("resourceNames", ())))
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+
+
+def granted(role: Obj) -> set[Permission]:
+    return {grant.permission for grant in grants(role)}
 
 
 def role_of(docs: list[Document], workload: Obj) -> Obj:
@@ -95,11 +126,27 @@ def role_of(docs: list[Document], workload: Obj) -> Obj:
     return find(docs, "ClusterRole", names[0])
 
 
+def unused_grants(role: Obj, requests: Iterable[RecordedRequest]) -> set[Grant]:
+    unused = grants(role)
+    for request in requests:
+        permission, name = permission_of(request), name_of(request)
+        unused -= {g for g in unused if g.allows(permission, name)}
+    return unused
+
+
 def assert_exactly(role: Obj, requests: Iterable[RecordedRequest]) -> None:
-    used = {permission_of(r) for r in requests}
-    grants = granted(role)
-    assert used <= grants, f"{role['metadata']['name']} lacks {sorted(used - grants)}"
-    assert grants <= used, f"{role['metadata']['name']} grants unused {sorted(grants - used)}"
+    made = list(requests)
+    role_grants = grants(role)
+    refused = sorted(
+        {
+            (*permission_of(r), name_of(r))
+            for r in made
+            if not any(g.allows(permission_of(r), name_of(r)) for g in role_grants)
+        }
+    )
+    assert not refused, f"{role['metadata']['name']} lacks (group, resource, verb, name) {refused}"
+    unused = sorted((g.permission, sorted(g.names)) for g in unused_grants(role, made))
+    assert not unused, f"{role['metadata']['name']} grants unused {unused}"
 
 
 def test_request_attributes_follow_the_api_servers_rules() -> None:
@@ -128,6 +175,37 @@ def test_request_attributes_follow_the_api_servers_rules() -> None:
         assert permission_of(RecordedRequest(method, path, query)) == expected, (method, path)
 
 
+def test_resource_names_limit_a_rule_to_those_objects() -> None:
+    role = {
+        "metadata": {"name": "example"},
+        "rules": [
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": ["a"],
+                "verbs": ["get", "update"],
+            },
+        ],
+    }
+    cases = [
+        ("GET", "/api/v1/namespaces/x/configmaps/a", True),
+        ("PUT", "/api/v1/namespaces/x/configmaps/a", True),
+        ("GET", "/api/v1/namespaces/x/configmaps/b", False),
+        ("PUT", "/api/v1/namespaces/x/configmaps/b", False),
+        ("POST", "/api/v1/namespaces/x/configmaps", True),  # create carries no name to check
+        ("GET", "/api/v1/namespaces/x/configmaps", False),  # list is not granted
+    ]
+    for method, path, allowed in cases:
+        request = RecordedRequest(method, path, {})
+        verdict = any(g.allows(permission_of(request), name_of(request)) for g in grants(role))
+        assert verdict is allowed, (method, path)
+    with pytest.raises(AssertionError, match="lacks"):
+        assert_exactly(role, [RecordedRequest("GET", "/api/v1/namespaces/x/configmaps/b", {})])
+    with pytest.raises(AssertionError, match="unused"):
+        assert_exactly(role, [RecordedRequest("GET", "/api/v1/namespaces/x/configmaps/a", {})])
+
+
 def _csr(key: ec.EllipticCurvePrivateKey) -> str:
     san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(CLIENT)])
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
@@ -152,9 +230,45 @@ async def _request_certificate(
     return list(response.cert_chain)
 
 
+def _waypoint_labels(gateway: str) -> dict[str, str]:
+    return {LABEL_GATEWAY_NAME: gateway, LABEL_MANAGED: WAYPOINT_MANAGED_BY}
+
+
+def _labelled(manifest: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+    return {**manifest, "metadata": {**manifest["metadata"], "labels": labels}}
+
+
+def _waypoint_objects(namespace: str, gateway: str) -> list[dict[str, Any]]:
+    """A waypoint's ServiceAccount, Service and Deployment carrying loom's labels, but not what loom
+    would write (no owner, another port, another pod template): replaced, or deleted without a Gateway."""
+    labels = _waypoint_labels(gateway)
+    return [
+        _labelled(m.service_account(namespace, gateway), labels),
+        _labelled(m.service(namespace, gateway, port=8080), labels),
+        _labelled(m.deployment(namespace, gateway), labels),
+    ]
+
+
 def _cluster(api: FakeApiServer) -> None:
-    """Namespaces, a workload, a ztunnel pod with its token, an L4 policy and a waypoint Gateway."""
+    """Namespaces, a workload, a ztunnel pod with its token, an L4 policy, a new waypoint Gateway, one
+    whose objects drifted, objects of a waypoint whose Gateway is gone, and an outdated root ConfigMap."""
     api.add(m.namespace("istio-system"))
+    api.add(m.namespace("shop"))
+    api.add(m.waypoint_gateway("shop"))
+    for obj in [*_waypoint_objects("shop", "waypoint"), *_waypoint_objects("default", "retired")]:
+        api.add(obj)
+    api.add(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": CONFIGMAP_NAME,
+                "namespace": "shop",
+                "labels": {LABEL_MANAGED_BY: MANAGED_BY},
+            },
+            "data": {ROOT_CERT_KEY: "an outdated root\n"},
+        }
+    )
     api.add(m.namespace("default", {"istio.io/dataplane-mode": "ambient"}))
     api.add(m.service_account("default", "client"))
     api.add(m.pod("default", "client-1", service_account="client", node="node-a", ip="10.244.1.20"))
@@ -201,8 +315,22 @@ async def test_controller_role_is_exactly_what_the_controller_calls(tmp_path: Pa
             root_pem = (tmp_path / "cacerts" / ROOT_CERT).read_text()
             chain = await _request_certificate(app.grpc_port, root_pem, "ztunnel-a", key)
             verify_issued(Identity.parse(CLIENT), key, chain, root_pem, dt.datetime.now(dt.UTC))
+            # The waypoints and the root certificate ConfigMaps: everything else the role allows.
+            role = role_of(docs, deployment)
+            try:
+                await eventually(lambda: not unused_grants(role, api.requests), within=WAIT)
+            except TimeoutError:
+                pass  # assert_exactly below names what was never used
             # A moment for anything else a change of state makes it do (e.g. more status writes).
             await asyncio.sleep(0.2)
+            # What ztunnel and the waypoints mount holds the install's root, in every namespace.
+            for namespace in ("istio-system", "default", "shop"):
+                published = api.get("ConfigMap", namespace, CONFIGMAP_NAME)
+                assert published is not None and published["data"][ROOT_CERT_KEY] == root_pem, namespace
+            for namespace, name in [("shop", "waypoint"), ("default", "waypoint")]:
+                waypoint = api.get("Deployment", namespace, name)
+                assert waypoint is not None and waypoint["metadata"]["ownerReferences"], (namespace, name)
+            assert api.get("Deployment", "default", "retired") is None
         assert_exactly(role_of(docs, deployment), list(api.requests))
 
 

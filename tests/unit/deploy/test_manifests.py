@@ -50,9 +50,14 @@ from cni.agent.main import ENV_PREFIX, config_from_args, config_problems, parse_
 from controller.app import CONTROLLER_SERVICE_ACCOUNT
 from controller.auth import DEFAULT_AUDIENCES
 from controller.config import Config as ControllerConfig
+from controller.rootcert import CONFIGMAP_NAME, ROOT_CERT_KEY
 from controller.sources.kubernetes import WATCHED_RESOURCES
+from controller.waypoints.desired import DesiredWaypoint, WaypointSettings, plan
 from deploy.tools import install_cni
-from loom.resources.loader import check_object
+from loom.resources.loader import check_object, parse_object
+from loom.resources.model import Gateway
+from loom.testing import manifests as m
+from waypoint.xds import ENV_ROOT_CERT, ENV_XDS_ADDRESS
 from ztunnel.config import DEFAULT_INPOD_UDS, parse_duration
 from ztunnel.config import Config as ZtunnelConfig
 
@@ -314,6 +319,81 @@ def test_controller_readiness_and_metrics_use_its_http_port(controller: Obj) -> 
     assert set(ports_by_name(c).values()) == {config.grpc_addr.port, config.http_addr.port}
 
 
+def test_no_manifest_ships_the_root_configmap_the_controller_publishes(docs: list[Document]) -> None:
+    """The controller writes istio-ca-root-cert (controller/rootcert.py); a copy in the install would be
+    an object without loom's label, which the controller leaves alone forever."""
+    assert not [
+        d for d in docs if d.obj["kind"] == "ConfigMap" and d.obj["metadata"]["name"] == CONFIGMAP_NAME
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# waypoints (--deploy-waypoints)
+
+
+def waypoint_deployment(controller: Obj) -> Obj:
+    """The Deployment the controller, as the manifest configures it, makes for a waypoint Gateway."""
+    config = controller_config(controller)
+    assert config.waypoint_xds_address is not None
+    settings = WaypointSettings(
+        xds_address=str(config.waypoint_xds_address),
+        image=config.waypoint_image,
+        trust_domain=config.trust_domain,
+        cluster_id=config.cluster_id,
+        root_namespace=config.root_namespace,
+    )
+    gateway = parse_object(m.waypoint_gateway("shop"))
+    assert isinstance(gateway, Gateway)
+    planned = plan(gateway, settings)
+    assert isinstance(planned, DesiredWaypoint), planned
+    (deployment,) = [d for d in planned.manifests if d["kind"] == "Deployment"]
+    return dict(deployment)
+
+
+def test_controller_runs_waypoints_with_its_own_image(controller: Obj) -> None:
+    config = controller_config(controller)
+    assert config.deploy_waypoints
+    assert config.waypoint_image == container(controller, "controller")["image"]
+    (c,) = containers(waypoint_deployment(controller))
+    assert c["image"] == container(controller, "controller")["image"]
+
+
+def test_waypoints_dial_the_controller_where_ztunnel_does(controller: Obj, ztunnel: Obj) -> None:
+    (c,) = containers(waypoint_deployment(controller))
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env[ENV_XDS_ADDRESS] == ztunnel_config(ztunnel).xds_address
+
+
+def test_waypoints_mount_the_root_the_controller_publishes(controller: Obj) -> None:
+    deployment = waypoint_deployment(controller)
+    (c,) = containers(deployment)
+    root_path = next(e["value"] for e in c["env"] if e["name"] == ENV_ROOT_CERT)
+    _, root_volume, inside = mount_of(deployment, c, root_path)
+    assert root_volume["configMap"]["name"] == CONFIGMAP_NAME and inside == ROOT_CERT_KEY
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_gives_waypoints_the_image_the_user_sets(tmp_path: Path) -> None:
+    """`kustomize edit set image loom=...` changes the containers' image; the kustomization's replacement
+    carries it into LOOM_WAYPOINT_IMAGE too, so waypoints never run another build than the controller."""
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, copy)
+    settings = kustomization(copy)
+    settings["images"] = [{"name": "loom", "newName": "registry.example.com/mesh/loom", "newTag": "9.9.9"}]
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(settings))
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    built = [o for o in yaml.safe_load_all(result.stdout) if o]
+    (deployment,) = [
+        o for o in built if o["kind"] == "Deployment" and o["metadata"]["name"] == "loom-controller"
+    ]
+    c = container(deployment, "controller")
+    assert c["image"] == "registry.example.com/mesh/loom:9.9.9"
+    assert ControllerConfig.from_args(c["args"], env_of(c)).waypoint_image == c["image"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # ztunnel
 
@@ -387,14 +467,16 @@ def test_ztunnel_credential_is_a_projected_token_for_the_controllers_audience(
     assert pod_spec(ztunnel)["automountServiceAccountToken"] is False
 
 
-def test_ztunnel_root_certificate_comes_from_the_root_configmap(ztunnel: Obj) -> None:
+def test_ztunnel_root_certificate_comes_from_the_configmap_the_controller_publishes(ztunnel: Obj) -> None:
     config = ztunnel_config(ztunnel)
     c = container(ztunnel, "istio-proxy")
     _, root_volume, inside = mount_of(ztunnel, c, str(config.root_cert))
-    assert root_volume["configMap"]["name"] == "istio-ca-root-cert"
+    assert root_volume["configMap"]["name"] == CONFIGMAP_NAME == "istio-ca-root-cert"
+    # Required, not optional: a ztunnel without the mesh root must wait for it, not start without.
+    assert root_volume["configMap"].get("optional") is not True
     items = root_volume["configMap"].get("items")
     assert items is None or inside in {i["path"] for i in items}
-    assert inside == "root-cert.pem"  # the key `kubectl create configmap --from-file=root-cert.pem` makes
+    assert inside == ROOT_CERT_KEY == "root-cert.pem"
 
 
 def test_ztunnel_grace_period_covers_its_drain_deadline(ztunnel: Obj) -> None:
