@@ -495,8 +495,11 @@ class NodeAgent:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+            # arrives as the awaited event fires, and the task would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._config_event.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._config_event.wait()
 
     async def _add(self, attachment: PodAttachment) -> AgentReply:
         where = f"pod {attachment.namespace}/{attachment.name}"
@@ -775,8 +778,9 @@ class NodeAgent:
     async def run(self) -> None:
         """Reconcile on every change, retry and resync, until cancelled."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._next_wake_in())
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see _wait_for_pod
+                async with asyncio.timeout(self._next_wake_in()):
+                    await self._wake.wait()
             self._wake.clear()
             if not self.config_loaded:
                 continue

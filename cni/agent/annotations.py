@@ -199,5 +199,7 @@ class AnnotationSync:
                 else:
                     next_due = self._retry.next_due()
                     timeout = max(0.0, next_due - now) if next_due is not None else 0.0
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()

@@ -13,7 +13,7 @@ order matters for running pods:
    would drain them;
 3. the ZDS server; the reconcile loop; the annotation writer;
 4. the configuration watch (`DirectorySource` over ``--manifests``, or with ``--kubernetes`` a list+watch
-   of pods and namespaces through `KubernetesSource`; full snapshots on every change);
+   of namespaces and of this node's pods through `KubernetesSource`; full snapshots on every change);
    each snapshot becomes the agent's `SnapshotDirectory` and triggers a reconcile, which releases pods
    no longer to be enrolled and captures newly labelled ones;
 5. the plugin socket. Readiness is reached once 2, 4 (first snapshot) and 5 are done.
@@ -51,7 +51,7 @@ from cni.events import serve_plugin_events
 from cni.plugin import DEFAULT_AGENT_SOCKET
 from controller.sources.base import ConfigSource
 from controller.sources.directory import DirectorySource
-from controller.sources.kubernetes import NAMESPACES, PODS, KubernetesSource
+from controller.sources.kubernetes import NAMESPACES, KubernetesSource, pods_on_node
 from loom.resources.diagnostics import Diagnostic
 from loom.resources.model import ConfigSnapshot
 from ztunnel.inpod.client import DEFAULT_SOCKET_PATH
@@ -95,6 +95,22 @@ class NodeAgentApp:
         host_rules: HostRules | None = None,
     ) -> None:
         self.config = config
+        self.kubernetes: KubernetesSource | None = None
+        if config.kubernetes:
+            # Only namespaces and the pods of this node (fieldSelector spec.nodeName=<node>, as Istio's
+            # node agent watches them): the enrolment decision needs nothing else, and a cluster-wide pod
+            # watch from every node would cost the API server and each agent O(cluster) for nothing.
+            # Nothing is lost: the kubelet starts a pod's sandbox (the plugin ADD) only after the pod is
+            # bound to the node, and the binding reaches this watch as the pod's ADDED event. Without a
+            # node name (`--node` unset) the agent keeps the cluster-wide watch. Built first, before
+            # anything holding a resource exists: a node name that is not a DNS subdomain fails the
+            # construction with ValueError rather than corrupting the selector.
+            resources = (NAMESPACES, pods_on_node(config.node))
+            self.kubernetes = (
+                KubernetesSource.from_url(config.kubernetes_url, resources=resources)
+                if config.kubernetes_url
+                else KubernetesSource.from_environment(resources=resources)
+            )
         self.metrics = AgentMetrics()
         self.readiness = Readiness()
         self._blocks = {
@@ -110,15 +126,6 @@ class NodeAgentApp:
             if host_rules is not None
             else HostRulesApplier(self.runner, netns_path=config.host_netns)
         )
-        self.kubernetes: KubernetesSource | None = None
-        if config.kubernetes:
-            # Only pods and namespaces: the enrolment decision needs nothing else.
-            resources = (NAMESPACES, PODS)
-            self.kubernetes = (
-                KubernetesSource.from_url(config.kubernetes_url, resources=resources)
-                if config.kubernetes_url
-                else KubernetesSource.from_environment(resources=resources)
-            )
         if annotator is None and config.annotate_store is not None:
             annotator = StoreAnnotator(config.annotate_store)
         elif annotator is None and self.kubernetes is not None:

@@ -26,6 +26,7 @@ from cni.agent.app import DEFAULT_STATE_FILE, AgentConfig, NodeAgentApp
 from cni.agent.health import DEFAULT_HTTP_ADDR
 from cni.agent.prerequisites import check_prerequisites
 from cni.plugin import DEFAULT_AGENT_SOCKET
+from controller.sources.kubernetes import pods_on_node
 from ztunnel.inpod.client import DEFAULT_SOCKET_PATH
 
 log = logging.getLogger("loom.cni.agent")
@@ -124,6 +125,11 @@ def config_problems(config: AgentConfig) -> list[str]:
     problems = []
     if config.kubernetes and config.manifests:
         problems.append("--kubernetes and --manifests exclude each other: choose one source of pods")
+    if config.kubernetes:
+        try:
+            pods_on_node(config.node)
+        except ValueError as exc:
+            problems.append(f"--node {config.node!r}: {exc}")
     if config.host_netns is not None and not os.path.exists(config.host_netns):
         problems.append(f"--host-netns {config.host_netns} does not exist")
     return problems

@@ -9,8 +9,9 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from cni.agent.health import BLOCK_CONFIG, BLOCK_PLUGIN_SOCKET, BLOCK_STATE, Age
 from cni.agent.metrics import AgentMetrics
 from cni.agent.reconcile import REDIRECTION_ANNOTATION
 from cni.events import AgentRequest, Outcome, PodAttachment, RequestKind, call_agent
+from controller.sources.kubernetes import ApiResource
 from loom.lab.store import LabStore, StoredKey
 from loom.testing.fake_apiserver import FakeApiServer
 from loom.testing.waiting import eventually
@@ -281,3 +283,108 @@ async def test_app_follows_kubernetes_and_annotates_pods_there(workdir: Path) ->
             assert patches and all(r.path == "/api/v1/namespaces/shop/pods/web" for r in patches)
         finally:
             await app.stop()
+
+
+async def test_app_follows_only_the_pods_of_its_node(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kubernetes with --node: pods are listed and watched with `fieldSelector=spec.nodeName=<node>`, as
+    Istio's node agent does, so a pod of another node never reaches the agent, whatever happens to it,
+    and a pod bound to this node later arrives through the watch (not before, while unscheduled)."""
+
+    def shop_pod(name: str, node: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "uid": f"uid-{name}"},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "x"}]},
+            "status": {"phase": "Running", "podIP": str(POD_IP)},
+        }
+
+    def edit_pod(api: FakeApiServer, name: str, edit: Callable[[dict[str, Any]], object]) -> None:
+        pod = api.get("pods", "shop", name)
+        assert pod is not None
+        edit(pod)
+        api.update(pod)
+
+    def web_labels(app: NodeAgentApp) -> Mapping[str, str]:
+        pod = app.agent.directory.pod("shop", "web")
+        return pod.meta.labels if pod is not None else {}
+
+    async with FakeApiServer() as api:
+        labels = {"istio.io/dataplane-mode": "ambient"}
+        api.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": labels}})
+        api.add(shop_pod("web", "n1"))
+        api.add(shop_pod("elsewhere", "n2"))
+        config = AgentConfig(
+            node="n1",
+            plugin_socket=str(workdir / "plugin.sock"),
+            zds_socket=str(workdir / "zds.sock"),
+            state_file=workdir / "state.json",
+            kubernetes=True,
+            kubernetes_url=api.url,
+            http_port=0,
+        )
+        app = NodeAgentApp(config, backend=RecordingBackend(), host_rules=RecordingHostRules())
+        assert app.kubernetes is not None
+        # Every pod object the agent's source takes in from the API server, as (name, node).
+        taken_in: list[tuple[str, str]] = []
+        upsert = app.kubernetes.cache.upsert
+
+        def recording_upsert(resource: ApiResource, raw: Mapping[str, Any]) -> bool:
+            if resource.kind == "Pod":
+                taken_in.append((raw["metadata"]["name"], raw["spec"]["nodeName"]))
+            return upsert(resource, raw)
+
+        monkeypatch.setattr(app.kubernetes.cache, "upsert", recording_upsert)
+        await app.start()
+        try:
+            await eventually(lambda: app.readiness.ready, within=WAIT, what="agent ready")
+            assert app.agent.directory.pod("shop", "web") is not None
+
+            # The other node's pod changes and a new pod waits unscheduled. A change of this node's pod
+            # after them, on the same revision-ordered stream, shows when the agent has been told
+            # everything its watch would ever tell it about them.
+            edit_pod(api, "elsewhere", lambda pod: pod["metadata"].update(labels={"changed": "yes"}))
+            api.add(shop_pod("late", ""))
+            edit_pod(api, "web", lambda pod: pod["metadata"].update(labels={"barrier": "1"}))
+            await eventually(lambda: web_labels(app) == {"barrier": "1"}, within=WAIT, what="barrier")
+            assert app.agent.directory.pod("shop", "late") is None
+
+            # The scheduler binds the pending pod to this node: it enters the selection as ADDED.
+            edit_pod(api, "late", lambda pod: pod["spec"].update(nodeName="n1"))
+            await eventually(
+                lambda: app.agent.directory.pod("shop", "late") is not None, within=WAIT, what="bound pod"
+            )
+            api.delete("pods", "shop", "elsewhere")
+            api.delete("pods", "shop", "web")
+            await eventually(
+                lambda: app.agent.directory.pod("shop", "web") is None, within=WAIT, what="deleted pod"
+            )
+            # Stop only once the reconcile loop is idle: on Python 3.11 the asyncio.wait_for in
+            # NodeAgent.run swallows a cancel that lands together with a wake-up, and stop() would
+            # then wait for that task forever.
+            await settles(
+                lambda: app.metrics.registry.get_sample_value(
+                    "loom_cni_agent_reconciles_total", {"result": "ok"}
+                )
+            )
+        finally:
+            await app.stop()
+        assert set(taken_in) == {("web", "n1"), ("late", "n1")}
+        pod_requests = api.requests_for("pods")
+        assert any(r.is_watch for r in pod_requests) and any(not r.is_watch for r in pod_requests)
+        assert all(r.query.get("fieldSelector") == "spec.nodeName=n1" for r in pod_requests)
+
+
+@pytest.mark.parametrize("node", ["Node-1", "n1,status.phase=Running", "n1 "])
+def test_app_refuses_a_node_name_it_cannot_select_pods_by(workdir: Path, node: str) -> None:
+    config = AgentConfig(
+        node=node,
+        plugin_socket=str(workdir / "plugin.sock"),
+        zds_socket=str(workdir / "zds.sock"),
+        state_file=workdir / "state.json",
+        kubernetes=True,
+        kubernetes_url="http://127.0.0.1:9",  # never contacted: construction fails first
+        http_port=0,
+    )
+    with pytest.raises(ValueError, match="node name: invalid name"):
+        NodeAgentApp(config, backend=RecordingBackend(), host_rules=RecordingHostRules())
