@@ -89,7 +89,7 @@ def field_selector_problem(selector: str) -> str | None:
     """What is syntactically wrong with a field selector, or None. The API server decides which fields
     a kind can be selected by; this only catches terms that no server would understand (no operator, no
     field name), so such a mistake fails at construction instead of as a LIST retried forever."""
-    for term in _split_unescaped_commas(selector):
+    for term in split_selector_terms(selector):
         if not term:
             continue  # the API server skips empty terms too (e.g. a trailing comma)
         if "=" not in term:
@@ -99,7 +99,7 @@ def field_selector_problem(selector: str) -> str | None:
     return None
 
 
-def _split_unescaped_commas(selector: str) -> list[str]:
+def split_selector_terms(selector: str) -> list[str]:
     """Split at the commas that separate terms (a value may contain an escaped `\\,`)."""
     terms, start, escaped = [], 0, False
     for index, char in enumerate(selector):

@@ -57,6 +57,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from controller.sources.kubernetes import split_selector_terms
+
 DEFAULT_AUDIENCE: Final = "https://kubernetes.default.svc.cluster.local"
 MERGE_PATCH: Final = "application/merge-patch+json"
 # How many events the server remembers for resuming watches (the real server keeps a few minutes' worth).
@@ -1108,7 +1110,7 @@ def _parse_field_selector(resource: FakeResource, text: str) -> _FieldSelector |
     """Parse a `fieldSelector` the way the API server does; an unparsable selector or a field the kind
     cannot be selected by is a 400 with the server's message. None when there is nothing to select by."""
     terms: list[_FieldTerm] = []
-    for part in sorted(_split_terms(text)):
+    for part in sorted(split_selector_terms(text)):
         if not part:
             continue  # the server skips empty terms, e.g. after a trailing comma
         split = _split_term(part)
@@ -1119,22 +1121,6 @@ def _parse_field_selector(resource: FakeResource, text: str) -> _FieldSelector |
             _FieldTerm(_convert_field_label(resource, field_name), _unescape(raw_value), operator != "!=")
         )
     return _FieldSelector(tuple(terms)) if terms else None
-
-
-def _split_terms(text: str) -> list[str]:
-    """Split at commas that are not escaped by a backslash."""
-    terms: list[str] = []
-    start, escaped = 0, False
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ",":
-            terms.append(text[start:index])
-            start = index + 1
-    terms.append(text[start:])
-    return terms
 
 
 def _split_term(term: str) -> tuple[str, str, str] | None:

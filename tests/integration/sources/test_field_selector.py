@@ -24,10 +24,10 @@ from controller.sources.kubernetes import (
     KubernetesSourceSettings,
     pods_on_node,
 )
-from loom.resources.diagnostics import Diagnostic
 from loom.resources.model import ConfigSnapshot, Pod, ResourceKey
 from loom.testing import FakeApiServer, RecordedRequest
 from loom.testing import manifests as m
+from tests.integration.sources.test_kubernetes_source import Recorder as SourceRecorder
 
 FAST = KubernetesSourceSettings(
     watch_timeout=30,
@@ -389,27 +389,10 @@ def test_a_source_watches_each_kind_once() -> None:
 # KubernetesSource with a selector
 
 
-State = tuple[ConfigSnapshot, tuple[Diagnostic, ...]]
-
-
-class Recorder:
-    """Collects on_change calls; waits (bounded) for one that satisfies a predicate."""
-
-    def __init__(self) -> None:
-        self.calls: list[State] = []
-        self._arrived = asyncio.Event()
-
-    def __call__(self, snapshot: ConfigSnapshot, diagnostics: tuple[Diagnostic, ...]) -> None:
-        self.calls.append((snapshot, diagnostics))
-        self._arrived.set()
-
-    async def wait_for(self, predicate: Callable[[ConfigSnapshot], bool]) -> ConfigSnapshot:
-        async with asyncio.timeout(WAIT):
-            while True:
-                if self.calls and predicate(self.calls[-1][0]):
-                    return self.calls[-1][0]
-                self._arrived.clear()
-                await self._arrived.wait()
+class Recorder(SourceRecorder):
+    async def wait_for_snapshot(self, predicate: Callable[[ConfigSnapshot], bool]) -> ConfigSnapshot:
+        snapshot, _ = await self.wait_for(lambda snapshot, _diagnostics: predicate(snapshot), within=WAIT)
+        return snapshot
 
     def pods_ever_seen(self) -> set[str]:
         return {f"{k.namespace}/{k.name}" for snapshot, _ in self.calls for k in snapshot if k.kind == "Pod"}
@@ -443,7 +426,7 @@ async def test_source_sees_only_the_pods_of_its_node(api: FakeApiServer) -> None
     populate(api)
     recorder = Recorder()
     async with node_source(api, "n1", recorder) as source:
-        first = await recorder.wait_for(lambda s: True)
+        first = await recorder.wait_for_snapshot(lambda s: True)
         assert pods_in(first) == {"default/a", "other/c"}
         assert ResourceKey("Namespace", "", "other") in first  # namespaces are not narrowed
         await api.wait_until(lambda: api.open_watches() == 2)
@@ -454,14 +437,14 @@ async def test_source_sees_only_the_pods_of_its_node(api: FakeApiServer) -> None
         api.add(pod("default", "pending", ""))
         changed(api, "default", "pending", set_node("n1"))
         changed(api, "other", "c", set_node("n3"))
-        moved = await recorder.wait_for(lambda s: pods_in(s) == {"default/a", "default/pending"})
+        moved = await recorder.wait_for_snapshot(lambda s: pods_in(s) == {"default/a", "default/pending"})
         pending = moved[ResourceKey("Pod", "default", "pending")]
         assert isinstance(pending, Pod) and pending.spec.node_name == "n1"
 
         # Deleting pods of another node changes nothing; deleting one of n1 does.
         api.delete("pods", "default", "b")
         api.delete("pods", "default", "a")
-        await recorder.wait_for(lambda s: pods_in(s) == {"default/pending"})
+        await recorder.wait_for_snapshot(lambda s: pods_in(s) == {"default/pending"})
     assert recorder.pods_ever_seen() == {"default/a", "other/c", "default/pending"}
     assert source.stats.events.get("DELETED") == 2  # c leaving the selection, then a
     requests = pod_requests(api)
@@ -475,7 +458,7 @@ async def test_relist_after_gone_keeps_the_selection(api: FakeApiServer) -> None
     api.add(pod("default", "leaving", "n1"))
     recorder = Recorder()
     async with node_source(api, "n1", recorder) as source:
-        await recorder.wait_for(lambda s: pods_in(s) == {"default/kept", "default/leaving"})
+        await recorder.wait_for_snapshot(lambda s: pods_in(s) == {"default/kept", "default/leaving"})
         await api.wait_until(lambda: api.open_watches() == 2)
         mark = len(api.requests)
         # While the watches are down one pod leaves the node, others arrive here and elsewhere, and the
@@ -485,7 +468,7 @@ async def test_relist_after_gone_keeps_the_selection(api: FakeApiServer) -> None
         api.add(pod("default", "arrived", "n1"))
         api.add(pod("default", "far-away", "n2"))
         api.compact()
-        await recorder.wait_for(lambda s: pods_in(s) == {"default/kept", "default/arrived"})
+        await recorder.wait_for_snapshot(lambda s: pods_in(s) == {"default/kept", "default/arrived"})
     assert source.stats.relists_after_gone >= 1
     relists = [r for r in api.requests[mark:] if r.path == "/api/v1/pods" and r.is_list]
     assert relists and all(r.query["fieldSelector"] == "spec.nodeName=n1" for r in relists)
@@ -498,6 +481,6 @@ async def test_source_without_a_node_watches_every_pod(api: FakeApiServer) -> No
     populate(api)
     recorder = Recorder()
     async with node_source(api, "", recorder):
-        snapshot = await recorder.wait_for(lambda s: True)
+        snapshot = await recorder.wait_for_snapshot(lambda s: True)
     assert pods_in(snapshot) == {"default/a", "default/b", "other/c", "default/d"}
     assert all("fieldSelector" not in r.query for r in pod_requests(api))
