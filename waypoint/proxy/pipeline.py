@@ -286,8 +286,11 @@ class RequestPipeline:
         policy = plan.policy
         timeout = action.timeout if action.timeout is not None else self.limits.default_response_timeout
         deadline = outcome.started + timeout
+        # asyncio.timeout rather than wait_for: Python 3.11's wait_for wraps the awaitable in a new Task
+        # per call (measurable per request) and can lose a cancellation.
         try:
-            await asyncio.wait_for(body.prefetch(), max(0.001, deadline - loop.time()))
+            async with asyncio.timeout(max(0.001, deadline - loop.time())):
+                await body.prefetch()
         except TimeoutError:
             outcome.details = "request_body_timeout"
             return self._local(outcome, body, 408, b"request body timeout")
@@ -320,9 +323,8 @@ class RequestPipeline:
             route_bound = per_try >= remaining  # a timeout now is the route's, not just this try's
             retriable = False
             try:
-                response = await asyncio.wait_for(
-                    self.pools.exchange(endpoint, protocol, upstream_head, attempt_body), per_try
-                )
+                async with asyncio.timeout(per_try):
+                    response = await self.pools.exchange(endpoint, protocol, upstream_head, attempt_body)
             except TimeoutError:
                 self._report(endpoint, False)
                 tried.add(endpoint.ip)
