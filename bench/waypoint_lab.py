@@ -53,7 +53,7 @@ from typing import Any, Final
 
 import yaml
 
-from bench.netlab import WAIT, Child, in_pod, python_module, start_ztunnel, wait_for
+from bench.netlab import WAIT, Child, in_pod, python_module, start_controller, start_ztunnel, wait_for
 from controller.app import ControllerApp
 from controller.translate.waypoints import LABEL_GATEWAY_NAME
 from controller.waypoints.desired import (
@@ -73,14 +73,12 @@ from loom.resources.model import (
 from loom.testing import manifests
 from loom.testing.inpod_agent import AgentPod, InpodTestAgent, enrol
 from loom.testing.netns import NetnsLab, Pod, cleanup_prefix
-from loom.testing.waiting import eventually
 from tests.namespaced.ztunnel_harness import (
     AMBIENT,
     APP_PORT,
     MESH_NAMESPACE,
     OUTSIDE_NAMESPACE,
     PodSpec,
-    controller_config,
     pod_manifest,
 )
 from ztunnel.inpod import WorkloadInfo
@@ -452,20 +450,7 @@ async def waypoint_lab(
                 server_service("server", VIP_WAYPOINT, waypoint=True),
                 server_service("server-direct", VIP_DIRECT, waypoint=False),
             ]
-            (config_dir / "mesh.yaml").write_text(
-                yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False)
-            )
-            controller = ControllerApp(controller_config(workdir / "state", config_dir))
-            try:
-                await controller.start()
-            finally:
-                stack.push_async_callback(controller.stop)
-            await eventually(lambda: controller.ready, within=WAIT, what="controller ready")
-            (workdir / "root-cert.pem").write_text(controller.root_cert_pem)
-            for name in NODES:
-                token = workdir / f"token-{name}"
-                token.write_text(controller.issue_node_token(name))
-                token.chmod(0o600)
+            controller = await start_controller(stack, workdir, config_dir, objects, NODES)
 
             app = await start_app(pods["server"], workdir, size)
             stack.push_async_callback(app.stop)

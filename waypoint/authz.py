@@ -101,7 +101,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from loom.identity import SPIFFE_SCHEME
-from loom.policy.rbac import StringPatterns
+from loom.policy.rbac import StringPatterns, all_of, always, any_of, never
 from loom.resources.diagnostics import Diagnostic, Severity
 from loom.resources.model import (
     DEFAULT_ROOT_NAMESPACE,
@@ -268,14 +268,6 @@ def _split_host_port(authority: str) -> tuple[str, str]:
 _Check = Callable[[_View], bool]
 
 
-def _always(view: _View) -> bool:
-    return True
-
-
-def _never(view: _View) -> bool:
-    return False
-
-
 class _Polarity(enum.Enum):
     """How a policy resolves what cannot be evaluated: so that the result is never more permissive."""
 
@@ -284,38 +276,6 @@ class _Polarity(enum.Enum):
 
 
 _patterns = StringPatterns.parse
-
-
-def _all_of(checks: Sequence[_Check]) -> _Check:
-    if not checks:
-        return _always
-    if len(checks) == 1:
-        return checks[0]
-    frozen = tuple(checks)
-
-    def all_match(view: _View) -> bool:
-        for check in frozen:  # noqa: SIM110 -- per-request path; a loop beats all(<genexpr>)
-            if not check(view):
-                return False
-        return True
-
-    return all_match
-
-
-def _any_of(checks: Sequence[_Check]) -> _Check:
-    if not checks:
-        return _never
-    if len(checks) == 1:
-        return checks[0]
-    frozen = tuple(checks)
-
-    def any_match(view: _View) -> bool:
-        for check in frozen:  # noqa: SIM110 -- per-request path, as above
-            if check(view):
-                return True
-        return False
-
-    return any_match
 
 
 def _string_check(
@@ -515,7 +475,7 @@ class _RuleCompiler:
         else:
             effect = f"the field counts as matched (the {self.policy.action} policy fails closed)"
         self._warn(path, f"{why}; {effect}")
-        return _always
+        return always
 
     def _http(self, check: _Check) -> _Check:
         """An HTTP-only attribute. Over TCP it is unknown: satisfied in DENY-like policies (ALLOW rules
@@ -543,14 +503,14 @@ class _RuleCompiler:
         operations = [self._operation(o, f"{path}.to[{i}].operation") for i, o in enumerate(rule.operations)]
         conditions = [self._condition(c, f"{path}.when[{i}]") for i, c in enumerate(rule.conditions)]
         if self.unevaluable and self.polarity is _Polarity.ALLOW:
-            return _never, self.uses_http
+            return never, self.uses_http
         parts: list[_Check] = []
         if rule.sources:
-            parts.append(_any_of(sources))
+            parts.append(any_of(sources))
         if rule.operations:
-            parts.append(_any_of(operations))
+            parts.append(any_of(operations))
         parts.extend(conditions)
-        return _all_of(parts), self.uses_http
+        return all_of(parts), self.uses_http
 
     def _source(self, source: PolicySource, path: str) -> _Check:
         checks: list[_Check] = []
@@ -595,7 +555,7 @@ class _RuleCompiler:
                         "loom's waypoint does not have",
                     )
                 )
-        return _all_of(checks)
+        return all_of(checks)
 
     def _operation(self, operation: PolicyOperation, path: str) -> _Check:
         checks: list[_Check] = []
@@ -617,7 +577,7 @@ class _RuleCompiler:
         ):
             if values:
                 checks.append(self._http(self._path_check(values, negate, f"{path}.{name}")))
-        return _all_of(checks)
+        return all_of(checks)
 
     def _condition(self, condition: PolicyCondition, path: str) -> _Check:
         key = condition.key
@@ -662,7 +622,7 @@ class _RuleCompiler:
                 return self._unevaluable(f"{path}.key", f"experimental key {key!r} is not supported by loom")
             else:
                 return self._unevaluable(f"{path}.key", f"unknown condition key {key!r}")
-        return _all_of(parts)
+        return all_of(parts)
 
     # -- attribute matchers
 
@@ -741,7 +701,7 @@ class _RuleCompiler:
             checks.append(_string_check(host_patterns.matches, _host_of, False))
         if with_port:
             checks.append(_string_check(port_patterns.matches, _host_port_of, False))
-        matched = _any_of(checks)
+        matched = any_of(checks)
         if negate:
             return lambda view: not matched(view)
         return matched

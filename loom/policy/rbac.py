@@ -185,13 +185,15 @@ def _ip_key(ip: IPAddress) -> tuple[int, int]:
 
 
 _Check = Callable[[_View], bool]
+# The combinators below serve any compiled-check engine (also the waypoint's L7 one, whose view differs).
+V = TypeVar("V")
 
 
-def _always(view: _View) -> bool:
+def always(view: object) -> bool:
     return True
 
 
-def _never(view: _View) -> bool:
+def never(view: object) -> bool:
     return False
 
 
@@ -404,15 +406,16 @@ def _port_check(ports: frozenset[int], negate: bool) -> _Check:
     return lambda view: view.port in ports
 
 
-def _all_of(checks: Sequence[_Check]) -> _Check:
+def all_of(checks: Sequence[Callable[[V], bool]]) -> Callable[[V], bool]:
+    """A check true when every one of `checks` is (true for none given)."""
     if not checks:
-        return _always
+        return always
     if len(checks) == 1:
         return checks[0]
     frozen = tuple(checks)
 
-    def all_match(view: _View) -> bool:
-        for check in frozen:  # noqa: SIM110 -- hot path, as above
+    def all_match(view: V) -> bool:
+        for check in frozen:  # noqa: SIM110 -- hot path: a loop beats all(<genexpr>)
             if not check(view):
                 return False
         return True
@@ -420,14 +423,15 @@ def _all_of(checks: Sequence[_Check]) -> _Check:
     return all_match
 
 
-def _any_of(checks: Sequence[_Check]) -> _Check:
+def any_of(checks: Sequence[Callable[[V], bool]]) -> Callable[[V], bool]:
+    """A check true when one of `checks` is (false for none given)."""
     if not checks:
-        return _never
+        return never
     if len(checks) == 1:
         return checks[0]
     frozen = tuple(checks)
 
-    def any_match(view: _View) -> bool:
+    def any_match(view: V) -> bool:
         for check in frozen:  # noqa: SIM110 -- hot path, as above
             if check(view):
                 return True
@@ -474,21 +478,21 @@ def _compile_match(m: authorization_pb2.Match, key: str, path: str) -> _Check | 
         checks.append(_string_check(patterns, _namespace_of, True))
     if not checks:
         return None
-    return _all_of(checks)
+    return all_of(checks)
 
 
 def _compile_rule(rule: authorization_pb2.Rules, key: str, path: str) -> _Check:
     _reject_unknown_fields(rule, key, path)
     if not rule.matches:
-        return _always  # a rule with no entries counts as a match
+        return always  # a rule with no entries counts as a match
     entries = [_compile_match(m, key, f"{path}.matches[{i}]") for i, m in enumerate(rule.matches)]
     # Empty entries are skipped; if nothing else is left the rule cannot match.
-    return _any_of([e for e in entries if e is not None])
+    return any_of([e for e in entries if e is not None])
 
 
 def _compile_group(group: authorization_pb2.Group, key: str, path: str) -> _Check:
     _reject_unknown_fields(group, key, path)
-    return _all_of([_compile_rule(r, key, f"{path}.rules[{i}]") for i, r in enumerate(group.rules)])
+    return all_of([_compile_rule(r, key, f"{path}.rules[{i}]") for i, r in enumerate(group.rules)])
 
 
 def policy_key(resource: authorization_pb2.Authorization) -> str:
