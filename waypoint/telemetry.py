@@ -43,10 +43,11 @@ injectable random source.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import logging
-import os
+import random
 import re
 import sys
 import threading
@@ -613,13 +614,19 @@ def upstream_cluster_name(service: ServiceRef) -> str:
     return f"inbound-vip|{service.port}|http|{service.hostname}"
 
 
+_last_second: list[tuple[int, str]] = [(-1, "")]  # (second, its formatted date and time): one per line
+
+
 def format_start_time(timestamp: float) -> str:
     """Envoy's default %START_TIME%: UTC, milliseconds, e.g. ``2024-05-04T09:59:05.028Z``."""
     # Through whole microseconds first: 1606339578.409 is stored as ...578.40899999, and truncating
     # that to milliseconds directly would print .408.
     seconds, microseconds = divmod(round(timestamp * 1_000_000), 1_000_000)
-    moment = dt.datetime.fromtimestamp(seconds, dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{microseconds // 1000:03d}Z"
+    cached_second, prefix = _last_second[0]
+    if cached_second != seconds:  # lines come in time order: strftime once a second, not per line
+        prefix = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _last_second[0] = (seconds, prefix)
+    return f"{prefix}{microseconds // 1000:03d}Z"
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -635,12 +642,20 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def _quoted(value: str) -> str:
-    return '"' + (_QUOTED_SPECIAL.sub(_escape, value) if value else "-") + '"'
+    if not value:
+        return '"-"'
+    # The usual value has nothing to escape: isprintable() is False for every control character.
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return '"' + _QUOTED_SPECIAL.sub(_escape, value) + '"'
 
 
 def _bare(value: str) -> str:
     if not value:
         return "-"
+    # isprintable() is also False for every whitespace character but the space.
+    if value.isprintable() and " " not in value:
+        return value
     return _CONTROL.sub(_escape, _WHITESPACE.sub("_", value))
 
 
@@ -658,10 +673,7 @@ def format_access_log(entry: AccessLogEntry) -> str:
     "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW%
     %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS%
     %REQUESTED_SERVER_NAME% %ROUTE_NAME%``"""
-    request_line = " ".join(
-        _QUOTED_SPECIAL.sub(_escape, part) if part else "-"
-        for part in (entry.method, entry.path, entry.protocol)
-    )
+    request_line = " ".join(_quoted(part)[1:-1] for part in (entry.method, entry.path, entry.protocol))
     fields = (
         f"[{format_start_time(entry.start_time)}]",
         f'"{request_line}"',
@@ -691,22 +703,54 @@ def format_access_log(entry: AccessLogEntry) -> str:
 
 class AccessLog:
     """Writes access log lines to a stream (stdout by default, as Envoy's /dev/stdout). A failing
-    stream is reported once and then skipped: telemetry never fails a request."""
+    stream is reported once and then skipped: telemetry never fails a request.
 
-    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
+    On an event loop the lines are batched: the first line of a batch schedules one write (and flush)
+    of the whole batch `flush_interval` seconds later, as Envoy flushes its access log files on an
+    interval; at 1,000 requests/s that is 10 system calls a second instead of 1,000. Outside a loop,
+    or with `flush_interval` 0, each line is written at once. The owner calls flush() when it stops."""
+
+    def __init__(
+        self, stream: TextIO | None = None, *, enabled: bool = True, flush_interval: float = 0.1
+    ) -> None:
         self._stream = stream
         self.enabled = enabled
+        self.flush_interval = flush_interval
         self._failed = False
         self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def write(self, entry: AccessLogEntry) -> None:
         if not self.enabled:
             return
         line = format_access_log(entry) + "\n"
-        stream = self._stream if self._stream is not None else sys.stdout
         with self._lock:
+            self._pending.append(line)
+            if self._flush_handle is not None:
+                return
+            if self.flush_interval > 0:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    loop = None
+                if loop is not None:
+                    self._flush_handle = loop.call_later(self.flush_interval, self.flush)
+                    return
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending now."""
+        with self._lock:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            lines, self._pending = self._pending, []
+            if not lines:
+                return
+            stream = self._stream if self._stream is not None else sys.stdout
             try:
-                stream.write(line)
+                stream.write("".join(lines))
                 stream.flush()
             except (OSError, ValueError) as exc:  # ValueError: the stream was closed
                 if not self._failed:
@@ -728,7 +772,9 @@ SAMPLED = 0x01
 
 
 def _new_request_id() -> str:
-    return str(uuid.uuid4())
+    # Request and trace ids identify, they protect nothing: the random module's generator (seeded
+    # from the OS, reseeded after fork) instead of a getrandom() system call per id.
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 def ensure_request_id(
@@ -793,7 +839,7 @@ def _random_hex(random_bytes: Callable[[int], bytes], size: int) -> str:
 
 
 def propagate_trace(
-    headers: Sequence[tuple[str, str]], random_bytes: Callable[[int], bytes] = os.urandom
+    headers: Sequence[tuple[str, str]], random_bytes: Callable[[int], bytes] = random.randbytes
 ) -> Headers:
     """The headers to forward: with a valid traceparent, the same trace id and flags under a new span
     id (this hop's span), sent as version 00, tracestate kept; otherwise a new sampled trace, and any

@@ -44,12 +44,13 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from loom.hbone.connection import (
+    DEFAULT_READ_SIZE,
     Address,
     ChunkSink,
-    DrainWaiter,
     H2Endpoint,
     SocketBridge,
     StreamChannel,
+    StreamTunnel,
     configure_tcp,
     logger,
     wrap_socket,
@@ -73,7 +74,6 @@ from loom.identity import Identity, WorkloadCertificate
 
 SocketFactory = Callable[[Address, str | None], Awaitable[socket.socket]]
 
-DEFAULT_READ_SIZE = 256 * 1024
 # A refused stream is retried on another connection this many times.
 MAX_CONNECT_ATTEMPTS = 3
 # Rounds of "wait for the dial, find the new connection full" before giving up (bounded loop).
@@ -248,8 +248,10 @@ class ClientConnection(H2Endpoint):
         return Tunnel(self, channel, tuple(response_headers))
 
 
-class Tunnel:
-    """One established HBONE tunnel (a CONNECT stream answered 200)."""
+class Tunnel(StreamTunnel):
+    """One established HBONE tunnel (a CONNECT stream answered 200), from the client's side."""
+
+    connection: ClientConnection
 
     def __init__(
         self,
@@ -257,85 +259,15 @@ class Tunnel:
         channel: StreamChannel,
         response_headers: tuple[tuple[str, str], ...],
     ) -> None:
-        self.connection = connection
-        self._channel = channel
+        super().__init__(connection, channel)
         self.response_headers = response_headers
-        self._drain = DrainWaiter(connection.loop)
-        channel.set_producer(self._drain)
-        channel.on_finish.append(lambda _ch: self._drain.resume_producing())
-        self._spliced = False
-
-    @property
-    def stream_id(self) -> int:
-        return self._channel.stream_id
-
-    @property
-    def peer_identity(self) -> Identity | None:
-        return self.connection.peer_identity
-
-    @property
-    def sent(self) -> int:
-        """Payload bytes sent into the tunnel so far."""
-        return self._channel.sent
-
-    @property
-    def received(self) -> int:
-        """Payload bytes received from the tunnel so far."""
-        return self._channel.received
-
-    @property
-    def closed(self) -> bool:
-        return self._channel.finished
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._channel.error
 
     def response_header(self, name: str) -> str | None:
         return next((v for k, v in self.response_headers if k == name), None)
 
-    async def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
-        """Up to `max_bytes` from the tunnel; b"" once the server ended its side."""
-        sink = self._channel.sink
-        if not isinstance(sink, ChunkSink) or self._spliced:
-            raise HboneError("tunnel is spliced to a socket; read() is not available")
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        return await sink.read(max_bytes)
-
-    def write(self, data: bytes | memoryview) -> None:
-        channel = self._channel
-        if channel.finished:
-            raise channel.error or HboneConnectionError("tunnel is closed")
-        if channel.eof_queued:
-            raise HboneError("write() after write_eof()")
-        # The bytes wait in the channel until the peer's window allows: keep our own immutable copy
-        # of anything the caller might reuse (a bytearray or a view of one).
-        self.connection.guarded(channel.send, data if isinstance(data, bytes) else bytes(data))
-
-    async def drain(self) -> None:
-        """Wait until the tunnel's send buffer is below its low-water mark."""
-        await self._drain.wait()
-        channel = self._channel
-        if channel.finished and channel.error is not None:
-            raise channel.error
-
-    def write_eof(self) -> None:
-        self.connection.guarded(self._channel.send_eof)
-
     def close(self) -> None:
         """Close now: a tunnel not finished both ways is reset (CANCEL)."""
-        channel = self._channel
-        if not channel.finished:
-            self.connection.guarded(
-                self.connection.reset_stream,
-                channel,
-                ErrorCodes.CANCEL,
-                HboneConnectionError("closed locally"),
-            )
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._channel.done)
+        self.abort()
 
     def splice(self, bridge: SocketBridge) -> None:
         self._spliced = True

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -78,6 +79,9 @@ Address = tuple[str, int]
 
 # Seconds a connection closed for misbehaviour may take to flush its GOAWAY before it is aborted.
 ABANDON_LINGER = 1.0
+
+# Queued writes smaller than this are joined into one DATA frame (up to the frame size allowed).
+COALESCE_BELOW = 16 * 1024
 
 
 def bounded_data_frame_repr(frame: DataFrame) -> str:
@@ -299,7 +303,17 @@ class ChunkSink:
     With a `limit`, it is the early-data buffer of a server stream awaiting its decision: exceeding it
     calls `on_overflow` instead of buffering more."""
 
-    __slots__ = ("_chunks", "_limit", "_on_overflow", "_waiter", "channel", "eof", "error", "size")
+    __slots__ = (
+        "_chunks",
+        "_discarding",
+        "_limit",
+        "_on_overflow",
+        "_waiter",
+        "channel",
+        "eof",
+        "error",
+        "size",
+    )
 
     def __init__(
         self, channel: StreamChannel, limit: int | None = None, on_overflow: Callable[[], None] | None = None
@@ -312,8 +326,27 @@ class ChunkSink:
         self._waiter: asyncio.Future[None] | None = None
         self._limit = limit
         self._on_overflow = on_overflow
+        self._discarding = False
+
+    def lift_limit(self) -> None:
+        """The stream was answered: from now on flow control alone bounds what is buffered."""
+        self._limit = None
+        self._on_overflow = None
+
+    def discard(self) -> None:
+        """The reader is gone (closed its side): drop what is held and whatever still arrives,
+        giving the window back, and let a pending read() see the end."""
+        self._discarding = True
+        owed = self.release()
+        if owed:
+            self.channel.endpoint.ack(self.channel.stream_id, owed)
+        self.eof = True
+        self._wake()
 
     def deliver(self, data: bytes, flow_len: int) -> None:
+        if self._discarding:
+            self.channel.endpoint.ack(self.channel.stream_id, flow_len)
+            return
         if self._limit is not None and self.size + len(data) > self._limit:
             self.channel.endpoint.ack(self.channel.stream_id, flow_len)
             if self._on_overflow is not None:
@@ -502,6 +535,10 @@ class DrainWaiter:
         if future is not None and not future.done():
             future.set_result(None)
 
+    @property
+    def waiting(self) -> bool:
+        return self._future is not None
+
     async def wait(self) -> None:
         if self._future is not None:
             await asyncio.shield(self._future)
@@ -565,7 +602,7 @@ class StreamChannel:
             return
         self._out.append(data)
         self.out_size += len(data)
-        self.endpoint.pump_out(self)
+        self.endpoint.pump_soon(self)
         if self.out_size >= self.endpoint.limits.stream_send_high_water and not self._producer_paused:
             self._producer_paused = True
             if self.producer is not None:
@@ -575,14 +612,27 @@ class StreamChannel:
         if self.finished or self._eof_queued:
             return
         self._eof_queued = True
-        self.endpoint.pump_out(self)
+        self.endpoint.pump_soon(self)
 
     @property
     def eof_queued(self) -> bool:
         return self._eof_queued
 
     def take(self, size: int) -> bytes | memoryview:
-        head = self._out[0]
+        """The next DATA payload, at most `size` bytes: small writes queued together leave as one frame
+        (joined: a copy of a few KiB costs less than a frame each), larger ones as they are."""
+        out = self._out
+        head = out[0]
+        if len(out) > 1 and len(head) < COALESCE_BELOW:
+            total, count = len(head), 1
+            for chunk in itertools.islice(out, 1, None):
+                if total >= COALESCE_BELOW or total + len(chunk) > size:
+                    break
+                total += len(chunk)
+                count += 1
+            if count > 1:
+                self.out_size -= total
+                return b"".join([out.popleft() for _ in range(count)])
         if len(head) <= size:
             self._out.popleft()
         else:
@@ -671,6 +721,7 @@ class H2Endpoint(asyncio.Protocol):
         self._write_paused = False
         self._unflushed = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._pump_pending: dict[int, StreamChannel] = {}  # channels with bytes queued this loop turn
         self._control_backlog = 0
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._ping_payload: bytes | None = None
@@ -943,10 +994,14 @@ class H2Endpoint(asyncio.Protocol):
                     self._window_blocked[stream_id] = channel
                     break
                 chunk = channel.take(min(window, h2conn.max_outbound_frame_size))
-                h2conn.send_data(stream_id, chunk)
+                # The last bytes before a queued EOF carry END_STREAM themselves (no empty DATA frame).
+                last = channel.eof_queued and not channel.out_size
+                h2conn.send_data(stream_id, chunk, end_stream=last)
                 self._unflushed += len(chunk)
                 channel.sent += len(chunk)
                 queued = True
+                if last:
+                    channel.local_ended = True
             else:
                 if channel.eof_queued and not channel.local_ended:
                     h2conn.end_stream(stream_id)
@@ -1010,6 +1065,7 @@ class H2Endpoint(asyncio.Protocol):
         self.channels.pop(channel.stream_id, None)
         self._window_blocked.pop(channel.stream_id, None)
         self._write_blocked.pop(channel.stream_id, None)
+        self._pump_pending.pop(channel.stream_id, None)
         channel.error = error
         sink = channel.sink
         # A clean end keeps unread bytes readable; a failure drops them.
@@ -1038,9 +1094,23 @@ class H2Endpoint(asyncio.Protocol):
         if self._flush_handle is None and not self.closing:
             self._flush_handle = self.loop.call_soon(self._flush_soon)
 
+    def pump_soon(self, channel: StreamChannel) -> None:
+        """Pump the channel in this loop turn's flush: what several writes queue in one turn leaves in
+        as few DATA frames as the peer's windows allow."""
+        self._pump_pending[channel.stream_id] = channel
+        self._schedule_flush()
+
     def _flush_soon(self) -> None:
-        self._flush_handle = None
         try:
+            try:
+                pending = self._pump_pending
+                if pending:
+                    # While the flush handle is still set, pumping schedules no further flush.
+                    self._pump_pending = {}
+                    for channel in pending.values():
+                        self.pump_out(channel)
+            finally:
+                self._flush_handle = None
             self._flush()
             self._check_outbound_queue()
         except ConnectionAbandoned:
@@ -1219,3 +1289,98 @@ class H2Endpoint(asyncio.Protocol):
         for channel in self.channels.values():
             total += channel.buffered()
         return total
+
+
+# --------------------------------------------------------------------------------------- stream access
+
+# Default read() size: the TLS layer hands over at most 256 KiB at a time anyway.
+DEFAULT_READ_SIZE = 256 * 1024
+
+
+class StreamTunnel:
+    """One answered CONNECT stream as a byte stream: read()/write()/drain()/write_eof(), for code that
+    handles the bytes itself (the client's `Tunnel`, the server's `ServerStream`). Received DATA waits
+    in the channel's `ChunkSink` and is acknowledged to the peer as it is read, so a slow reader holds
+    at most one stream window; write() queues on the channel and drain() waits for its low-water mark."""
+
+    def __init__(self, connection: H2Endpoint, channel: StreamChannel) -> None:
+        self.connection = connection
+        self._channel = channel
+        self._drain = DrainWaiter(connection.loop)
+        channel.set_producer(self._drain)
+        channel.on_finish.append(lambda _ch: self._drain.resume_producing())
+        self._spliced = False
+
+    @property
+    def stream_id(self) -> int:
+        return self._channel.stream_id
+
+    @property
+    def peer_identity(self) -> Identity | None:
+        return self.connection.peer_identity
+
+    @property
+    def sent(self) -> int:
+        """Payload bytes sent into the tunnel so far."""
+        return self._channel.sent
+
+    @property
+    def received(self) -> int:
+        """Payload bytes received from the tunnel so far."""
+        return self._channel.received
+
+    @property
+    def closed(self) -> bool:
+        return self._channel.finished
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._channel.error
+
+    async def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
+        """Up to `max_bytes` from the tunnel; b"" once the peer ended its side."""
+        sink = self._channel.sink
+        if not isinstance(sink, ChunkSink) or self._spliced:
+            raise HboneError("tunnel is spliced to a socket; read() is not available")
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        return await sink.read(max_bytes)
+
+    def write(self, data: bytes | memoryview) -> None:
+        channel = self._channel
+        if channel.finished:
+            raise channel.error or HboneConnectionError("tunnel is closed")
+        if channel.eof_queued:
+            raise HboneError("write() after write_eof()")
+        # The bytes wait in the channel until the peer's window allows: keep our own immutable copy
+        # of anything the caller might reuse (a bytearray or a view of one).
+        self.connection.guarded(channel.send, data if isinstance(data, bytes) else bytes(data))
+
+    async def drain(self) -> None:
+        """Wait until the tunnel's send buffer is below its low-water mark."""
+        await self._drain.wait()
+        channel = self._channel
+        if channel.finished and channel.error is not None:
+            raise channel.error
+
+    def write_blocked(self) -> bool:
+        """True while drain() would wait (over the low-water mark) or raise (the stream failed)."""
+        channel = self._channel
+        return self._drain.waiting or (channel.finished and channel.error is not None)
+
+    def write_eof(self) -> None:
+        self.connection.guarded(self._channel.send_eof)
+
+    def abort(self) -> None:
+        """Reset now (CANCEL) unless finished both ways; unsent and unread bytes are dropped."""
+        channel = self._channel
+        if not channel.finished:
+            self.connection.guarded(
+                self.connection.reset_stream,
+                channel,
+                ErrorCodes.CANCEL,
+                HboneConnectionError("closed locally"),
+            )
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._channel.done)

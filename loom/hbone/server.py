@@ -19,6 +19,9 @@ Per stream (`ServerConnection._on_request`):
    is reset, on a non-200 answer it is discarded.
 4. Only for a 200 is the upstream dialled; only once it is connected is `:status 200` sent and the
    stream joined to the upstream socket (see connection.py for the pumping and back-pressure).
+   A handler that serves the stream itself (the waypoint parses HTTP in it) answers with `serve`
+   instead: `:status 200` is sent and it gets the stream as a `ServerStream` (read/write/drain), the
+   early data first; no socket is involved.
 
 Protection (each counted by reason in `HboneStats`): rapid reset (`ResetTracker`), control-frame and
 outbound-queue floods, header block / CONTINUATION / header list caps, frame size, empty-frame and
@@ -57,6 +60,7 @@ from loom.hbone.connection import (
     H2Endpoint,
     SocketBridge,
     StreamChannel,
+    StreamTunnel,
     configure_tcp,
     logger,
     wrap_socket,
@@ -135,11 +139,13 @@ class TunnelResult:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The handler's answer. 200 needs `upstream`: a coroutine function returning a connected socket
-    (the ztunnel creates it in the pod's netns with the client's source address)."""
+    """The handler's answer. 200 needs either `upstream`, a coroutine function returning a connected
+    socket (the ztunnel creates it in the pod's netns with the client's source address), or `serve`,
+    called with the open stream right after the 200 is sent (it must not block: start a task)."""
 
     status: int
     upstream: UpstreamConnector | None = None
+    serve: StreamHandler | None = field(default=None, compare=False)
     reason: str = ""  # counter label / log text for a refusal ("policy_denied", "no_workload", ...)
     response_headers: tuple[tuple[str, str], ...] = ()  # e.g. the destination's baggage on a 200
     on_close: Callable[[TunnelResult], None] | None = field(default=None, compare=False)
@@ -147,8 +153,8 @@ class Decision:
     def __post_init__(self) -> None:
         if not 200 <= self.status <= 599:
             raise ValueError(f"HBONE status {self.status} is not a final HTTP status (200..599)")
-        if self.status == 200 and self.upstream is None:
-            raise ValueError("a 200 decision needs an upstream connector")
+        if self.status == 200 and (self.upstream is None) == (self.serve is None):
+            raise ValueError("a 200 decision needs exactly one of an upstream connector and a stream server")
 
 
 Handler = Callable[[TunnelRequest], Awaitable[Decision]]
@@ -163,6 +169,47 @@ class _ServerH2Connection(h2.connection.H2Connection):
         # closed streams) and report no open streams; the server counts and refuses streams itself.
         self._open_streams(1)
         return 0
+
+
+class ServerStream(StreamTunnel):
+    """An accepted stream served by the handler itself (`Decision.serve`).
+
+    close() is a graceful close, as a socket's: what was written is still sent, then END_STREAM;
+    whatever the client still sends is acknowledged and dropped, and a pending read() returns b"".
+    abort() resets the stream."""
+
+    def __init__(self, connection: ServerConnection, channel: StreamChannel, request: TunnelRequest) -> None:
+        super().__init__(connection, channel)
+        self.request = request
+        self._closed_locally = False
+
+    def is_closing(self) -> bool:
+        return self._closed_locally or self._channel.finished or self._channel.eof_queued
+
+    def write(self, data: bytes | memoryview) -> None:
+        """As a socket's writer: bytes written after close() or once the stream ended are dropped
+        (drain() and read() report a failed stream)."""
+        if self._closed_locally or self._channel.finished:
+            return
+        super().write(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._closed_locally:
+            return
+        self._closed_locally = True
+        channel = self._channel
+        if channel.finished:
+            return
+        sink = channel.sink
+        if isinstance(sink, ChunkSink):
+            self.connection.guarded(sink.discard)
+        self.write_eof()
+
+
+StreamHandler = Callable[[ServerStream], None]
 
 
 class ServerTunnel:
@@ -407,6 +454,10 @@ class ServerConnection(H2Endpoint):
                 return
             if channel.finished:
                 return
+            if decision.status == 200 and decision.serve is not None:
+                opened = True  # _open_tunnel registers the finish callback before anything can fail
+                self.guarded(self._open_tunnel, channel, request, decision, None)
+                return
             if decision.status != 200 or decision.upstream is None:
                 reason = decision.reason or DEFAULT_REJECT_REASONS.get(
                     decision.status, f"status_{decision.status}"
@@ -457,8 +508,14 @@ class ServerConnection(H2Endpoint):
                 )
 
     def _open_tunnel(
-        self, channel: StreamChannel, request: TunnelRequest, decision: Decision, bridge: SocketBridge
+        self,
+        channel: StreamChannel,
+        request: TunnelRequest,
+        decision: Decision,
+        bridge: SocketBridge | None,
     ) -> None:
+        """Answer 200 and join the stream to the upstream socket (`bridge`), or hand it to the
+        decision's `serve`."""
         on_close = decision.on_close
 
         def finished(ch: StreamChannel) -> None:
@@ -481,9 +538,22 @@ class ServerConnection(H2Endpoint):
         self.stats.response(200)
         channel.responded_at = self.loop.time()
         channel.can_send = True
-        channel.set_producer(bridge)
-        channel.attach_sink(bridge)
-        self.pump_out(channel)
+        if bridge is not None:
+            channel.set_producer(bridge)
+            channel.attach_sink(bridge)
+            self.pump_out(channel)
+            return
+        sink = channel.sink
+        if isinstance(sink, ChunkSink):
+            sink.lift_limit()
+        serve = decision.serve
+        assert serve is not None  # a 200 decision has a bridge or a stream server
+        stream = ServerStream(self, channel, request)
+        try:
+            serve(stream)
+        except Exception as e:  # the handler's bug ends its stream, not the connection
+            logger.exception("HBONE stream server failed", extra={"fields": {"peer": self.peer_label}})
+            self.reset_stream(channel, ErrorCodes.INTERNAL_ERROR, HboneConnectionError(f"stream server: {e}"))
 
     # ------------------------------------------------------------------ resets, goaway, idle, drain
 

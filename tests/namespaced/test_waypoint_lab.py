@@ -285,6 +285,17 @@ def log_size(path: Path) -> int:
     return path.stat().st_size
 
 
+# The waypoint writes its access log in batches, each at most this long after its first request
+# (waypoint.telemetry.AccessLog's flush interval); three intervals leave a wide margin.
+ACCESS_LOG_SETTLE = 0.3
+
+
+def settled_access_log_size(cluster: Cluster) -> int:
+    """The waypoint log's size once the access log lines of requests already answered are in it."""
+    time.sleep(ACCESS_LOG_SETTLE)
+    return log_size(waypoint_log(cluster))
+
+
 def log_since(path: Path, offset: int) -> str:
     with path.open("rb") as log:
         log.seek(offset)
@@ -307,7 +318,7 @@ def wait_for_config(cluster: Cluster, since: int, *, routes: int, policies: int)
 
 def change_config(cluster: Cluster, verb: str, paths: Sequence[Path], *, routes: int, policies: int) -> None:
     """`loomctl apply|delete -f ...`, then wait until the waypoint runs with the result."""
-    since = log_size(waypoint_log(cluster))
+    since = log_size(waypoint_log(cluster))  # config lines: logged at once
     argv = [verb]
     for path in paths:
         argv += ["-f", str(path)]
@@ -317,7 +328,8 @@ def change_config(cluster: Cluster, verb: str, paths: Sequence[Path], *, routes:
 
 def access_log_lines(cluster: Cluster, since: int, pattern: str) -> list[str]:
     """The waypoint's access log lines (Istio's text format, '[time] "METHOD PATH PROTO" ...') written
-    after byte `since` that contain `pattern`."""
+    after byte `since` that contain `pattern`, once those of the requests already answered are written."""
+    time.sleep(ACCESS_LOG_SETTLE)
     return [
         line
         for line in log_since(waypoint_log(cluster), since).splitlines()
@@ -409,7 +421,7 @@ def test_01_waypoint_apply_is_programmed_and_reviews_traffic_passes_it(
         "request_protocol": "http",
     }
     before = waypoint_requests(cluster, **labels)
-    since = log_size(waypoint_log(cluster))
+    since = settled_access_log_size(cluster)
     ok, answers = call(cluster, "productpage-v1", "http://reviews:9080/reviews/0", count=10)
     assert ok, answers
     assert {deployment_of(a["pod"]) for a in answers} <= set(REVIEWS_VERSIONS)
@@ -539,7 +551,7 @@ def test_05_l7_deny_by_method_and_path(cluster: Cluster, tmp_path: Path) -> None
         )
         allowed = curl(cluster, "productpage-v1", url)
         assert allowed is not None and allowed.status == 200 and allowed.from_backend
-        since = log_size(waypoint_log(cluster))
+        since = settled_access_log_size(cluster)
 
         denied = {
             "another caller (ratings)": curl(cluster, "ratings-v1", url),
@@ -670,7 +682,7 @@ def test_07_grpc_through_the_waypoint(cluster: Cluster, tmp_path: Path) -> None:
             "response_code": "200",
         }
         before = waypoint_requests(cluster, **labels)
-        since = log_size(waypoint_log(cluster))
+        since = settled_access_log_size(cluster)
         ok, answers = call(cluster, "productpage-v1", url, count=5)
         assert ok, answers
         assert all(a["grpc_status"] == 0 and deployment_of(a["pod"]) == "reviews-grpc" for a in answers)
@@ -777,7 +789,7 @@ def test_08b_pod_addressed_traffic_to_a_served_workload_passes_the_waypoint(clus
     step 4), and the waypoint must serve it -- with its L7 policy -- and forward it to that very pod."""
     target = pod(cluster, "reviews-v1")
     assert workload_waypoint(cluster, pod(cluster, "productpage-v1").node, target.name) == WAYPOINT
-    since = log_size(waypoint_log(cluster))
+    since = settled_access_log_size(cluster)
     ok, answers = call(cluster, "productpage-v1", f"http://{target.ip}:9080/reviews/8", count=3)
     assert ok, (answers, log_since(waypoint_log(cluster), since)[-1500:])
     assert {a["pod"] for a in answers} == {target.name}
@@ -803,7 +815,7 @@ def test_09_the_per_sa_waypoint_serves_only_its_account(cluster: Cluster) -> Non
 
     details_before = direct(details_node, "bookinfo-productpage", "bookinfo-details")
     ratings_before = direct(ratings_node, "bookinfo-reviews", "bookinfo-ratings")
-    since = log_size(waypoint_log(cluster))
+    since = settled_access_log_size(cluster)
     ok, answers = call(cluster, "productpage-v1", "http://details:9080/details/0", count=10)
     assert ok and {deployment_of(a["pod"]) for a in answers} == {"details-v1"}, answers
     # A call *from* a reviews pod does not pass its waypoint either: waypoints sit on the destination side.

@@ -36,10 +36,11 @@ import h11
 
 from loom.hbone import HboneError
 from waypoint.proxy.body import BodyAborted, BodyPipe, RequestBody
+from waypoint.proxy.deadline import Deadline
 from waypoint.proxy.decide import local_head
 from waypoint.proxy.h1head import HeadViolation, check_request_head, find_head_end
 from waypoint.proxy.headers import HOP_BY_HOP, connection_tokens, valid_name, valid_value
-from waypoint.proxy.interfaces import RequestObserver
+from waypoint.proxy.interfaces import DownstreamReader, DownstreamWriter, RequestObserver
 from waypoint.proxy.limits import ProxyLimits
 from waypoint.proxy.message import HTTP11, ProxyResponse, RequestHead, UpgradedStream
 from waypoint.proxy.pipeline import ConnectionContext, RequestPipeline
@@ -116,8 +117,8 @@ def request_head_from_h11(event: h11.Request) -> RequestHead:
 
 
 async def splice_upgraded(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: DownstreamReader,
+    writer: DownstreamWriter,
     client_leftover: bytes,
     upgraded: UpgradedStream,
 ) -> tuple[int, int]:
@@ -172,8 +173,8 @@ class Http1Session:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: DownstreamReader,
+        writer: DownstreamWriter,
         ctx: ConnectionContext,
         pipeline: RequestPipeline,
         observer: RequestObserver,
@@ -194,6 +195,7 @@ class Http1Session:
         self.requests = 0
         self.draining = False
         self._idle = False  # waiting for the first byte of the next request
+        self.loop = asyncio.get_running_loop()
 
     def drain(self) -> None:
         """Finish the request in flight (if any), then close; an idle connection closes now."""
@@ -220,7 +222,7 @@ class Http1Session:
     # ------------------------------------------------------------------ reading
 
     async def _read(self, within: float) -> bytes:
-        async with asyncio.timeout(within):
+        async with Deadline.within(self.loop, within):
             return await self.reader.read(_READ_SIZE)
 
     async def _refuse(self, status: int, reason: str, detail: str) -> NoReturn:
@@ -238,13 +240,13 @@ class Http1Session:
         )
         with contextlib.suppress(ConnectionError, TimeoutError):
             self.writer.write(refusal_bytes(status, f"{HTTPStatus(status).phrase}: {reason}"))
-            async with asyncio.timeout(self.limits.write_timeout):
+            async with Deadline.within(self.loop, self.limits.write_timeout):
                 await self.writer.drain()
         raise _SessionEnd
 
     async def _next_request(self) -> h11.Request | None:
         """The next request, its head checked; None when the client closed between requests."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         head_deadline: float | None = (
             loop.time() + self.limits.request_head_timeout if self._pending else None
         )
@@ -352,9 +354,7 @@ class Http1Session:
         reader_task: asyncio.Task[None] | None = None
         if head.has_body:
             pipe = BodyPipe(self.limits.body_buffer, on_first_read=self._send_continue)
-            reader_task = asyncio.get_running_loop().create_task(
-                self._read_body(pipe), name="waypoint-h1-body"
-            )
+            reader_task = self.loop.create_task(self._read_body(pipe), name="waypoint-h1-body")
         else:
             self._drain_end_of_message()
         body = RequestBody(pipe, self.limits.retry_buffer)
@@ -387,8 +387,9 @@ class Http1Session:
     async def _write(self, data: bytes | None) -> None:
         if data:
             self.writer.write(data)
-            async with asyncio.timeout(self.limits.write_timeout):
-                await self.writer.drain()
+            if self.writer.write_blocked():  # only then can drain() wait (or raise)
+                async with Deadline.within(self.loop, self.limits.write_timeout):
+                    await self.writer.drain()
 
     async def _respond(
         self,
@@ -456,7 +457,7 @@ class Http1Session:
                 await self._write(self.conn.send(h11.Data(data=response.content)))
             return len(response.content)
         sent = 0
-        async with asyncio.timeout_at(response.deadline):
+        async with Deadline(self.loop, response.deadline):
             while data := await response.body.read():
                 await self._write(self.conn.send(h11.Data(data=data)))
                 sent += len(data)

@@ -47,6 +47,7 @@ from hyperframe.frame import GoAwayFrame
 from loom.hbone.errors import HboneProtocolViolation
 from loom.hbone.protocol import FrameScanner, ScanLimits
 from waypoint.proxy.body import BodyAborted, BodyPipe, RequestBody
+from waypoint.proxy.deadline import Deadline
 from waypoint.proxy.decide import local_head
 from waypoint.proxy.flood import WindowedCounter
 from waypoint.proxy.headers import (
@@ -57,7 +58,7 @@ from waypoint.proxy.headers import (
     validate_h2_request,
     validate_trailers,
 )
-from waypoint.proxy.interfaces import RequestObserver
+from waypoint.proxy.interfaces import DownstreamReader, DownstreamWriter, RequestObserver
 from waypoint.proxy.limits import ProxyLimits
 from waypoint.proxy.message import ProxyResponse, RequestHead
 from waypoint.proxy.pipeline import ConnectionContext, RequestPipeline
@@ -106,8 +107,8 @@ class Http2Session:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: DownstreamReader,
+        writer: DownstreamWriter,
         ctx: ConnectionContext,
         pipeline: RequestPipeline,
         observer: RequestObserver,
@@ -189,7 +190,7 @@ class Http2Session:
         # Bounded: each round either returns bytes or ends an idle connection.
         while True:
             try:
-                async with asyncio.timeout(self.limits.idle_timeout):
+                async with Deadline.within(self.loop, self.limits.idle_timeout):
                     return await self.reader.read(_READ_SIZE)
             except TimeoutError:
                 if not self.streams:
@@ -218,8 +219,9 @@ class Http2Session:
 
     async def _drain(self) -> None:
         self._flush()
-        async with asyncio.timeout(self.limits.write_timeout):
-            await self.writer.drain()
+        if self.writer.write_blocked():  # only then can drain() wait (or raise)
+            async with Deadline.within(self.loop, self.limits.write_timeout):
+                await self.writer.drain()
 
     def _goaway(self, code: ErrorCodes, reason: str, detail: str = "") -> None:
         if self.closing:
@@ -499,7 +501,7 @@ class Http2Session:
                 self.h2.end_stream(stream_id)
                 await self._drain()
                 return None
-            async with asyncio.timeout_at(response.deadline):
+            async with Deadline(self.loop, response.deadline):
                 while data := await response.body.read():
                     await self._send_data(stream_id, stream, data)
             trailers = [(n, v) for n, v in response.body.trailers if valid_name(n) and valid_value(v)]

@@ -25,6 +25,34 @@ class Destination:
     endpoint: Endpoint | None = None
 
 
+class DownstreamReader(Protocol):
+    """The client's bytes: the HBONE stream itself (loom.hbone.ServerStream) or, in tests, an
+    asyncio.StreamReader. read() returns b"" at the end."""
+
+    async def read(self, n: int, /) -> bytes: ...
+
+
+class DownstreamWriter(Protocol):
+    """Bytes to the client, with a socket writer's semantics: close() is graceful (what was written
+    is still sent), writes after it are dropped, drain() waits for room and raises if the stream failed."""
+
+    def write(self, data: bytes, /) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def write_blocked(self) -> bool:
+        """True while drain() would wait (over the high-water mark) or raise (the stream failed)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def can_write_eof(self) -> bool: ...
+
+    def write_eof(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+
 class ServiceResolver(Protocol):
     """Maps the CONNECT :authority (a Service VIP:port or a workload ip:port) to its destination."""
 

@@ -54,6 +54,7 @@ from waypoint.model import (
     ServiceRef,
 )
 from waypoint.proxy.body import BodyAborted, BodyNotReplayable, RequestBody
+from waypoint.proxy.deadline import Deadline
 from waypoint.proxy.decide import (
     IDEMPOTENT_METHODS,
     LOCAL_BODIES,
@@ -97,6 +98,7 @@ class ConnectionContext:
     destination: Destination  # what the CONNECT target resolved to
     destination_ip: str  # the VIP or workload IP from the CONNECT
     destination_port: int
+    loop: asyncio.AbstractEventLoop  # the serving loop (looked up once per tunnel, not per request)
 
 
 @dataclass(slots=True)
@@ -106,6 +108,7 @@ class _Outcome:
     view: RequestView
     wall_start: float
     started: float
+    loop: asyncio.AbstractEventLoop
     flags: str = "-"
     details: str = "via_upstream"
     route: str = ""
@@ -142,8 +145,7 @@ class RequestPipeline:
         self.limits = limits
 
     async def handle(self, ctx: ConnectionContext, head: RequestHead, body: RequestBody) -> ProxyResponse:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = ctx.loop.time()
         wall_start = time.time()
         prepare_request_headers(head.headers)
         try:
@@ -157,7 +159,7 @@ class RequestPipeline:
             status_head, content = local_head(400, b"bad request: " + str(e).encode()[:200], grpc=False)
             return ProxyResponse(status_head, content=content)
         view = build_view(head, path, query, ctx.peer, ctx.destination, ctx.destination_ip)
-        outcome = _Outcome(view, wall_start, started)
+        outcome = _Outcome(view, wall_start, started, ctx.loop)
         try:
             decision = self.authorizer.check(view)
         except Exception:
@@ -218,7 +220,7 @@ class RequestPipeline:
         flags = outcome.flags
         if error is not None and flags == "-":
             flags = "DC"  # the client went away (or reset) before the whole response was sent
-        loop = asyncio.get_running_loop()
+        loop = outcome.loop
         record = RequestRecord(
             view=outcome.view,
             start_time=outcome.wall_start,
@@ -272,7 +274,7 @@ class RequestPipeline:
         action: Forward,
         outcome: _Outcome,
     ) -> ProxyResponse:
-        loop = asyncio.get_running_loop()
+        loop = ctx.loop
         backend = choose_backend(action.backends, self.rng)
         if backend is None:
             outcome.flags, outcome.details = "NC", "route_has_no_backends"
@@ -286,11 +288,13 @@ class RequestPipeline:
         policy = plan.policy
         timeout = action.timeout if action.timeout is not None else self.limits.default_response_timeout
         deadline = outcome.started + timeout
-        # asyncio.timeout rather than wait_for: Python 3.11's wait_for wraps the awaitable in a new Task
-        # per call (measurable per request) and can lose a cancellation.
+        # A Deadline rather than wait_for: Python 3.11's wait_for wraps the awaitable in a new Task per
+        # call (measurable per request) and can lose a cancellation; asyncio.timeout costs system calls
+        # (see waypoint.proxy.deadline).
         try:
-            async with asyncio.timeout(max(0.001, deadline - loop.time())):
-                await body.prefetch()
+            if body.pipe is not None:
+                async with Deadline(loop, deadline):
+                    await body.prefetch()
         except TimeoutError:
             outcome.details = "request_body_timeout"
             return self._local(outcome, body, 408, b"request body timeout")
@@ -323,7 +327,7 @@ class RequestPipeline:
             route_bound = per_try >= remaining  # a timeout now is the route's, not just this try's
             retriable = False
             try:
-                async with asyncio.timeout(per_try):
+                async with Deadline(loop, loop.time() + per_try):
                     response = await self.pools.exchange(endpoint, protocol, upstream_head, attempt_body)
             except TimeoutError:
                 self._report(endpoint, False)

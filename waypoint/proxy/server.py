@@ -10,13 +10,9 @@ held until the decision). Per CONNECT the handler (`_decide`):
 2. TCP Services (L4 only): the `L4Authorizer` decides (denied -> 401, like ztunnel's inbound), then the
    connector picks an endpoint and opens an HBONE tunnel to it with the waypoint's own certificate
    (trying up to `tcp_connect_attempts` endpoints), and joins the two tunnels through a socket pair;
-3. HTTP, HTTP/2 and gRPC Services: the connector returns one end of a `socket.socketpair()` and serves
-   the other end with the HTTP proxy: the first bytes choose HTTP/2 (the preface) or HTTP/1.1.
-
-The socket pair exists because `HboneServer` joins an accepted stream to a *socket* (that is its fast
-path for the ztunnel). It costs, per byte in each direction, one more kernel copy and two syscalls,
-plus a second asyncio transport. A direct stream hook in the HBONE server (handing the handler a
-reader/writer on the CONNECT stream itself) would remove both; it is not there yet.
+3. HTTP, HTTP/2 and gRPC Services: the decision asks the HBONE server to hand over the stream itself
+   (`Decision.serve`): the HTTP session reads and writes the CONNECT stream (`ServerStream`) directly,
+   no socket in between; the first bytes choose HTTP/2 (the preface) or HTTP/1.1.
 
 Every HTTP session and L4 splice runs in a task tracked here; `stop(grace)` stops accepting, lets
 tunnels finish for `grace` seconds, then closes everything, upstream pools included.
@@ -49,12 +45,15 @@ from loom.hbone import (
 )
 from loom.hbone.headers import format_address
 from loom.hbone.protocol import CLIENT_PREFACE
-from loom.hbone.server import CertificateProvider
+from loom.hbone.server import CertificateProvider, ServerStream
 from waypoint.model import AppProtocol, Authorizer, AuthzDecision, Endpoint, EndpointPicker, Peer, Router
+from waypoint.proxy.deadline import Deadline
 from waypoint.proxy.downstream_h1 import Http1Session
 from waypoint.proxy.downstream_h2 import Http2Session
 from waypoint.proxy.interfaces import (
     Destination,
+    DownstreamReader,
+    DownstreamWriter,
     L4Authorizer,
     Normalizer,
     RequestObserver,
@@ -184,23 +183,16 @@ class WaypointProxy:
             return Decision(404, reason="unknown_destination")
         if destination.service.protocol is AppProtocol.TCP:
             return self._tcp_decision(peer, destination, target.host, target.port)
-        ctx = ConnectionContext(peer, destination, target.host, target.port)
+        ctx = ConnectionContext(peer, destination, target.host, target.port, asyncio.get_running_loop())
 
-        async def connect() -> socket.socket:
-            ours, theirs = socket.socketpair()
-            ours.setblocking(False)
-            theirs.setblocking(False)
-            self._spawn(self._serve_http(ours, ctx), "waypoint-http-session")
-            return theirs
+        def serve(stream: ServerStream) -> None:
+            self._spawn(self._serve_http(stream, stream, ctx), "waypoint-http-session")
 
-        return Decision(200, upstream=connect)
+        return Decision(200, serve=serve)
 
-    async def _serve_http(self, sock: socket.socket, ctx: ConnectionContext) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=self.limits.body_buffer)
-        except OSError:
-            sock.close()
-            return
+    async def _serve_http(
+        self, reader: DownstreamReader, writer: DownstreamWriter, ctx: ConnectionContext
+    ) -> None:
         try:
             prefix = await self._first_bytes(reader)
             if not prefix:
@@ -225,10 +217,10 @@ class WaypointProxy:
             logger.exception("HTTP session failed", extra={"fields": {"peer": ctx.peer.address}})
             writer.close()
 
-    async def _first_bytes(self, reader: asyncio.StreamReader) -> bytes:
+    async def _first_bytes(self, reader: DownstreamReader) -> bytes:
         """Enough bytes to tell HTTP/2 (the 24-byte preface) from HTTP/1.1; b"" if the client left."""
         prefix = b""
-        async with asyncio.timeout(self.limits.first_bytes_timeout):
+        async with Deadline.within(asyncio.get_running_loop(), self.limits.first_bytes_timeout):
             while len(prefix) < len(CLIENT_PREFACE) and CLIENT_PREFACE.startswith(prefix):
                 data = await reader.read(len(CLIENT_PREFACE) - len(prefix))
                 if not data:

@@ -17,7 +17,6 @@ finished with it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Final
@@ -193,13 +192,59 @@ class H1Upstream:
 
     def _response(self, head: RequestHead, event: h11.Response) -> UpstreamResponse:
         response = response_head_from_h11(event)
-        # h11 knows these have no body and ends them at once; the pump still runs to recycle the connection.
+        # h11 knows these have no body and ends them at once; the exchange still has to end to recycle
+        # the connection.
         no_body = head.method == "HEAD" or event.status_code in (204, 304)
         pipe = BodyPipe(self.limits.body_buffer)
-        self._pump = asyncio.get_running_loop().create_task(
-            self._pump_body(pipe), name="waypoint-h1-body-down"
-        )
+        # What of the body came with the head is taken now. A body already complete (the usual small
+        # response arrives with its head) ends the exchange here: no pump task, no hand-over per chunk.
+        if self._take_buffered(pipe):
+            self._end_exchange(pipe, self._exchange_complete())
+        else:
+            self._pump = asyncio.get_running_loop().create_task(
+                self._pump_body(pipe), name="waypoint-h1-body-down"
+            )
         return UpstreamResponse(head=response, body=None if no_body else pipe, upgraded=None, protocol=HTTP11)
+
+    def _take_buffered(self, pipe: BodyPipe) -> bool:
+        """Feed the body events h11 can produce without more bytes into `pipe` (up to its high-water
+        mark); True once the response is complete."""
+        while pipe.size <= self.limits.body_buffer:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.Data):
+                pipe.feed(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                pipe.finish(tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers))
+                return True
+            else:
+                raise UpstreamProtocolError(f"unexpected {type(event).__name__} in the response body")
+        return False
+
+    def _exchange_complete(self) -> bool:
+        """After the response ended: whether the connection can carry another request (the request
+        body was sent completely and both sides are DONE), and if so, ready it for the next."""
+        sender = self._sender
+        if sender is not None:
+            if not sender.done():
+                return False  # the backend answered before reading the whole request body (e.g. 413)
+            if sender.cancelled() or sender.exception() is not None:
+                return False
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE and not self.closed:
+            self.conn.start_next_cycle()
+            self.idle_since = asyncio.get_running_loop().time()
+            return True
+        return False
+
+    def _end_exchange(self, pipe: BodyPipe, reusable: bool) -> None:
+        self._sender = None
+        self._pump = None
+        if reusable:
+            self._on_idle(self)
+        else:
+            pipe.abort(BodyAborted("the backend connection closed"))
+            self.close()
 
     async def _send_body(self, body: AttemptBody, *, chunked: bool) -> None:
         try:
@@ -232,23 +277,8 @@ class H1Upstream:
                     break
                 else:
                     raise UpstreamProtocolError(f"unexpected {type(event).__name__} in the response body")
-            if self._sender is not None:
-                if not self._sender.done():
-                    # The backend answered before reading the whole request body (e.g. 413).
-                    return
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._sender
-            if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE and not self.closed:
-                self.conn.start_next_cycle()
-                self.idle_since = asyncio.get_running_loop().time()
-                reusable = True
+            reusable = self._exchange_complete()
         except (h11.RemoteProtocolError, HboneError, OSError, UpstreamProtocolError) as e:
             pipe.abort(BodyAborted(f"the backend's response body failed: {e}"))
         finally:
-            self._sender = None
-            self._pump = None
-            if reusable:
-                self._on_idle(self)
-            else:
-                pipe.abort(BodyAborted("the backend connection closed"))
-                self.close()
+            self._end_exchange(pipe, reusable)

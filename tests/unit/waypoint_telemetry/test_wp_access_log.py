@@ -3,9 +3,11 @@ values, one line per request whatever the headers hold, and a sink that never fa
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import logging
+import re
 import shlex
 
 import pytest
@@ -175,3 +177,87 @@ def test_a_broken_sink_never_fails_the_request(caplog: pytest.LogCaptureFixture)
         sink.write(entry)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and messages[0].startswith("access log: cannot write (I/O operation on closed")
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_on_a_loop_lines_are_batched_into_one_write() -> None:
+    stream = CountingStream()
+    sink = AccessLog(stream, flush_interval=0.05)
+    entry = AccessLogEntry(start_time=T0, method="GET", path="/", protocol="HTTP/1.1", response_code=200)
+    for _ in range(5):
+        sink.write(entry)
+    assert stream.getvalue() == ""  # held until the interval ends
+    await asyncio.sleep(0.2)
+    assert stream.getvalue() == (format_access_log(entry) + "\n") * 5
+    assert stream.writes == 1
+    sink.write(entry)
+    sink.flush()  # at stop: what is pending goes now, and the scheduled write finds nothing
+    assert stream.getvalue().count("\n") == 6
+    await asyncio.sleep(0.1)
+    assert stream.getvalue().count("\n") == 6 and stream.writes == 2
+
+
+async def test_a_zero_flush_interval_writes_each_line_at_once() -> None:
+    stream = io.StringIO()
+    sink = AccessLog(stream, flush_interval=0)
+    entry = AccessLogEntry(start_time=T0, method="GET", path="/", protocol="HTTP/1.1", response_code=200)
+    sink.write(entry)
+    assert stream.getvalue() == format_access_log(entry) + "\n"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "plain",
+        "with space",
+        'quote"inside',
+        "back\\slash",
+        "tab\there",
+        "nl\nhere",
+        "del\x7f",
+        "nul\x00",
+        "em\u2003space",
+        "line\u2028sep",
+        "caf\u00e9",
+        "\u00a0nbsp",
+        "",
+    ],
+)
+def test_field_fast_paths_agree_with_the_escaping_rules(value: str) -> None:
+    control = re.compile(r"[\x00-\x1f\x7f]")
+    quoted_special = re.compile(r'[\x00-\x1f\x7f"\\]')
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        return "\\" + char if char in '"\\' else f"\\x{ord(char):02x}"
+
+    expected_quoted = '"' + (quoted_special.sub(escape, value) if value else "-") + '"'
+    expected_bare = control.sub(escape, re.sub(r"\s+", "_", value)) if value else "-"
+    entry = AccessLogEntry(
+        start_time=T0,
+        method="GET",
+        path="/",
+        protocol="HTTP/1.1",
+        response_code=200,
+        user_agent=value,
+        route_name=value,
+    )
+    fields = format_access_log(entry)
+    assert expected_quoted in fields
+    assert fields.endswith(" " + expected_bare)
+
+
+def test_start_time_is_right_across_seconds() -> None:
+    base = dt.datetime(2026, 11, 21, 9, 59, 59, 999000, tzinfo=dt.UTC).timestamp()
+    assert format_start_time(base) == "2026-11-21T09:59:59.999Z"
+    assert format_start_time(base + 0.002) == "2026-11-21T10:00:00.001Z"
+    assert format_start_time(base) == "2026-11-21T09:59:59.999Z"  # out of order: still right
