@@ -38,13 +38,14 @@ from waypoint.config import Config
 from waypoint.model import AuthzDecision, Endpoint, RequestView, RouteAction, ServiceRef
 from waypoint.paths import PathError, normalize_path
 from waypoint.proxy import WaypointProxy
-from waypoint.proxy.interfaces import Destination, RequestRecord, TunnelRecord, TunnelView
+from waypoint.proxy.interfaces import Destination, RefusedRequest, RequestRecord, TunnelRecord, TunnelView
 from waypoint.routing import RouteTable
 from waypoint.state import WaypointState
 from waypoint.telemetry import (
     AccessLog,
     AccessLogEntry,
     DestinationInfo,
+    ResponseFlag,
     SourceInfo,
     WaypointMetrics,
     WorkloadInfo,
@@ -300,5 +301,23 @@ class WaypointApp:
             f" error={record.error}" if record.error else "",
         )
 
-    def refused(self, reason: str) -> None:
+    def refused(self, reason: str, request: RefusedRequest | None = None) -> None:
+        """Counted by reason; a request answered with a status also gets its access log line (flag
+        DPE). Not in istio_requests_total: like Envoy's codec errors, it never reached the filters."""
         self.metrics.refused(reason)
+        if request is not None:
+            self.access_log.write(
+                AccessLogEntry(
+                    start_time=request.start_time,
+                    method=request.method,
+                    path=request.path,
+                    protocol=request.protocol,
+                    response_code=request.status,
+                    response_flags=ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR.value,
+                    response_code_details=request.details,
+                    authority=request.authority,
+                    downstream_local_address=request.destination,
+                    downstream_remote_address=request.peer_address,
+                    duration_ms=0,
+                )
+            )

@@ -868,10 +868,14 @@ def test_10_request_smuggling_is_refused_and_counted(cluster: Cluster, payload: 
         return total(waypoint_metrics(cluster), "loom_waypoint_refused_total", reason=reason)
 
     before = refused()
+    since = settled_access_log_size(cluster)
     answer = raw_exchange(cluster, "productpage-v1", "reviews", 9080, payload)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert answer.count(b"HTTP/1.1 ") == 1, answer  # nothing smuggled behind it was answered
     assert b"x-loom-pod" not in answer.lower() and b'"pod":' not in answer  # no backend answered
     eventually(lambda: refused() == before + 1, f"loom_waypoint_refused_total{{reason={reason!r}}} counted")
+    # ... and logged: a 400 with Envoy's flag for a downstream protocol error and the reason.
+    lines = access_log_lines(cluster, since, f" 400 DPE http1.{reason} ")
+    assert len(lines) == 1, log_since(waypoint_log(cluster), since)[-2000:]
     ok, answers = call(cluster, "productpage-v1", "http://reviews:9080/reviews/0", count=3)
     assert ok, answers

@@ -225,8 +225,10 @@ class Http1Session:
         async with Deadline.within(self.loop, within):
             return await self.reader.read(_READ_SIZE)
 
-    async def _refuse(self, status: int, reason: str, detail: str) -> NoReturn:
-        self.observer.refused(reason)
+    async def _refuse(
+        self, status: int, reason: str, detail: str, head: RequestHead | None = None
+    ) -> NoReturn:
+        self.observer.refused(reason, self.ctx.refused(HTTP11, status, f"http1.{reason}", head))
         logger.info(
             "HTTP/1.1 request refused",
             extra={
@@ -368,7 +370,7 @@ class Http1Session:
             if self._body_violation is not None:
                 response.complete(0, "malformed request body")
                 violation = self._body_violation
-                await self._refuse(violation.status, violation.reason, violation.detail)
+                await self._refuse(violation.status, violation.reason, violation.detail, head)
             return await self._respond(head, response, pipe, reader_task)
         finally:
             if reader_task is not None and not reader_task.done():

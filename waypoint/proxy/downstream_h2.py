@@ -60,7 +60,7 @@ from waypoint.proxy.headers import (
 )
 from waypoint.proxy.interfaces import DownstreamReader, DownstreamWriter, RequestObserver
 from waypoint.proxy.limits import ProxyLimits
-from waypoint.proxy.message import ProxyResponse, RequestHead
+from waypoint.proxy.message import HTTP2, ProxyResponse, RequestHead
 from waypoint.proxy.pipeline import ConnectionContext, RequestPipeline
 
 logger = logging.getLogger("waypoint.proxy")
@@ -357,7 +357,10 @@ class Http2Session:
         )
 
     def _refuse_stream(self, stream_id: int, error: MalformedRequest, ended: bool) -> None:
-        self.observer.refused(error.reason)
+        answered = None
+        if error.status is not None:
+            answered = self.ctx.refused(HTTP2, error.status, f"http2.{error.reason}")
+        self.observer.refused(error.reason, answered)
         logger.info(
             "HTTP/2 request refused",
             extra={"fields": {"peer": self.ctx.peer.address, "reason": error.reason, "detail": error.detail}},

@@ -101,6 +101,22 @@ class RequestRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusedRequest:
+    """A request answered locally because its head or body was malformed (before routing), for the
+    access log: what is known of it, and the answer."""
+
+    start_time: float  # Unix seconds
+    protocol: str  # "HTTP/1.1" | "HTTP/2"
+    status: int  # the answer sent (400, 408, 413, 431, ...)
+    details: str  # %RESPONSE_CODE_DETAILS%: "http1.<reason>", "http2.<reason>", "path_normalization_failed"
+    peer_address: str  # the client's address
+    destination: str  # the ip:port the client dialled (the Service VIP or the pod)
+    method: str = ""  # known when the head was parsed
+    path: str = ""
+    authority: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TunnelRecord:
     """One L4 tunnel through the waypoint (TCP Services), when it ended or was refused."""
 
@@ -122,6 +138,7 @@ class RequestObserver(Protocol):
 
     def record_tunnel(self, record: TunnelRecord) -> None: ...
 
-    def refused(self, reason: str) -> None:
-        """A protocol-level refusal (400/431/RST/GOAWAY...) that never reached routing or a backend."""
+    def refused(self, reason: str, request: RefusedRequest | None = None) -> None:
+        """A protocol-level refusal (400/431/RST/GOAWAY...) that never reached routing or a backend;
+        `request` when it was a request answered with a status (it gets an access log line)."""
         ...

@@ -40,6 +40,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from loom.hbone.headers import format_address
 from waypoint.model import (
     Authorizer,
     AuthzDecision,
@@ -70,7 +71,13 @@ from waypoint.proxy.decide import (
     upstream_request,
 )
 from waypoint.proxy.headers import prepare_request_headers
-from waypoint.proxy.interfaces import Destination, Normalizer, RequestObserver, RequestRecord
+from waypoint.proxy.interfaces import (
+    Destination,
+    Normalizer,
+    RefusedRequest,
+    RequestObserver,
+    RequestRecord,
+)
 from waypoint.proxy.limits import ProxyLimits
 from waypoint.proxy.message import (
     NoHealthyUpstream,
@@ -99,6 +106,22 @@ class ConnectionContext:
     destination_ip: str  # the VIP or workload IP from the CONNECT
     destination_port: int
     loop: asyncio.AbstractEventLoop  # the serving loop (looked up once per tunnel, not per request)
+
+    def refused(
+        self, protocol: str, status: int, details: str, head: RequestHead | None = None
+    ) -> RefusedRequest:
+        """A request on this tunnel answered locally at parse time, for the observer."""
+        return RefusedRequest(
+            start_time=time.time(),
+            protocol=protocol,
+            status=status,
+            details=details,
+            peer_address=self.peer.address,
+            destination=format_address(self.destination_ip, self.destination_port),
+            method=head.method if head is not None else "",
+            path=head.target if head is not None else "",
+            authority=head.authority if head is not None else "",
+        )
 
 
 @dataclass(slots=True)
@@ -151,7 +174,8 @@ class RequestPipeline:
         try:
             path, query = self.normalize(head.target)
         except ValueError as e:
-            self.observer.refused("bad_path")
+            refusal = ctx.refused(head.protocol, 400, "path_normalization_failed", head)
+            self.observer.refused("bad_path", refusal)
             logger.info(
                 "request path refused", extra={"fields": {"target": head.target[:200], "error": str(e)}}
             )

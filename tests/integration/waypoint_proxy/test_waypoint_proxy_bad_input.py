@@ -183,6 +183,10 @@ async def test_http1_smuggling_corpus(tmp_path: Path, raw: bytes, status: int, r
         assert b"connection: close" in answer.lower() and closed
         assert answer.count(b"HTTP/1.1 ") == 1  # nothing after the refusal was parsed as a request
         assert m.observer.refusals == {reason: 1}
+        # The refused request gets its access log record: the answer, the reason, who and where.
+        [refused] = m.observer.refused_requests
+        assert (refused.status, refused.details, refused.protocol) == (status, f"http1.{reason}", "HTTP/1.1")
+        assert refused.destination == f"{VIP}:80" and refused.peer_address.startswith("127.")
         assert backend.requests == 0 and backend.tunnels == []
         await serves_next_request(m, backend)
 
@@ -304,6 +308,15 @@ async def test_http2_malformed_requests_are_refused_per_stream(
         assert client.goaway is None
         await client.close()
         assert m.observer.refusals == {reason: 1}
+        if status is None:  # a reset stream was never answered: no access log record
+            assert m.observer.refused_requests == []
+        else:
+            [refused] = m.observer.refused_requests
+            assert (refused.status, refused.details, refused.protocol) == (
+                status,
+                f"http2.{reason}",
+                "HTTP/2",
+            )
         assert backend.requests == 1
 
 

@@ -135,6 +135,14 @@ async def test_normalized_path_is_what_authz_routing_and_the_backend_see(tmp_pat
         )
         assert status_of(raw) == 400
         assert backend.requests == 1 and m.observer.refusals["bad_path"] == 1
+        [refused] = m.observer.refused_requests
+        assert (refused.status, refused.details, refused.method, refused.path, refused.authority) == (
+            400,
+            "path_normalization_failed",
+            "GET",
+            "/a/../admin",
+            "web",
+        )
 
 
 async def test_denied_request_gets_403_and_never_reaches_the_backend(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ from waypoint.model import (
 from waypoint.proxy import (
     Destination,
     ProxyLimits,
+    RefusedRequest,
     RequestRecord,
     TunnelRecord,
     TunnelView,
@@ -83,6 +84,7 @@ class RecordingObserver:
         self.records: list[RequestRecord] = []
         self.tunnels: list[TunnelRecord] = []
         self.refusals: Counter[str] = Counter()
+        self.refused_requests: list[RefusedRequest] = []  # the refusals answered with a status
 
     def record(self, record: RequestRecord) -> None:
         self.records.append(record)
@@ -90,8 +92,10 @@ class RecordingObserver:
     def record_tunnel(self, record: TunnelRecord) -> None:
         self.tunnels.append(record)
 
-    def refused(self, reason: str) -> None:
+    def refused(self, reason: str, request: RefusedRequest | None = None) -> None:
         self.refusals[reason] += 1
+        if request is not None:
+            self.refused_requests.append(request)
 
 
 class FnRouter:
