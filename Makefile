@@ -6,8 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the project needs at run or test time: netfilter tools and iproute2 for capture and
-# the lab, tcpdump for the wire evidence, curl as an independent HTTP/2 peer in the HBONE tests.
-DEB_PACKAGES := iproute2 iptables nftables tcpdump procps curl stunnel4
+# the lab, tcpdump for the wire evidence, curl and Node.js (nghttp2) as independent HTTP/2 peers in the
+# HBONE tests.
+DEB_PACKAGES := iproute2 iptables nftables tcpdump procps curl nodejs stunnel4
 
 .PHONY: test demo lint typecheck unit deps venv protos clean
 

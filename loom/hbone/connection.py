@@ -50,6 +50,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -59,8 +60,10 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
+from h2.stream import StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
@@ -82,6 +85,12 @@ ABANDON_LINGER = 1.0
 
 # Queued writes smaller than this are joined into one DATA frame (up to the frame size allowed).
 COALESCE_BELOW = 16 * 1024
+
+# DATA payloads from this size on are framed here instead of by h2 (see H2Endpoint._send_data).
+DIRECT_DATA_MIN = 16 * 1024
+_DATA_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type 0 (DATA), flags, stream id
+_SENDABLE_STREAM_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
+_OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
 
 
 def bounded_data_frame_repr(frame: DataFrame) -> str:
@@ -722,6 +731,7 @@ class H2Endpoint(asyncio.Protocol):
         self._unflushed = 0
         self._flush_handle: asyncio.Handle | None = None
         self._pump_pending: dict[int, StreamChannel] = {}  # channels with bytes queued this loop turn
+        self._out_frames: list[bytes | bytearray | memoryview] = []  # output framed here (_send_data)
         self._control_backlog = 0
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._ping_payload: bytes | None = None
@@ -996,7 +1006,7 @@ class H2Endpoint(asyncio.Protocol):
                 chunk = channel.take(min(window, h2conn.max_outbound_frame_size))
                 # The last bytes before a queued EOF carry END_STREAM themselves (no empty DATA frame).
                 last = channel.eof_queued and not channel.out_size
-                h2conn.send_data(stream_id, chunk, end_stream=last)
+                self._send_data(stream_id, chunk, last)
                 self._unflushed += len(chunk)
                 channel.sent += len(chunk)
                 queued = True
@@ -1119,6 +1129,54 @@ class H2Endpoint(asyncio.Protocol):
             logger.exception("HBONE flush failed", extra={"fields": {"peer": self.peer_label}})
             self.abandon("internal_error", ErrorCodes.INTERNAL_ERROR, "internal error")
 
+    def _send_data(self, stream_id: int, chunk: bytes | memoryview, end_stream: bool) -> None:
+        """One DATA frame. A large payload bypasses h2's framing, which copies every payload twice (into
+        a new frame object, then into its output buffer; a memoryview three times): the 9-byte frame
+        header is made here and the payload goes to the transport as it is, queued after whatever h2
+        holds so far, so the order on the wire is kept. h2's connection and stream windows are debited
+        exactly as its send_data would. Small payloads, the END_STREAM frame and anything h2 would
+        refuse (a stream not open for sending, a frame over a window or the frame size) go through h2."""
+        h2conn = self.h2
+        size = len(chunk)
+        stream = h2conn.streams.get(stream_id) if size >= DIRECT_DATA_MIN and not end_stream else None
+        if (
+            stream is None
+            or stream.state_machine.state not in _SENDABLE_STREAM_STATES
+            or h2conn.state_machine.state not in _OPEN_CONNECTION_STATES
+            or size > h2conn.local_flow_control_window(stream_id)
+            or size > h2conn.max_outbound_frame_size
+        ):
+            h2conn.send_data(stream_id, chunk, end_stream=end_stream)
+            return
+        head = self._take_output()
+        header = _DATA_HEADER.pack(size >> 16, size & 0xFFFF, 0, 0, stream_id)
+        if head:
+            head += header  # with what h2 queued: one TLS record for the small frames
+            self._out_frames.append(head)
+        else:
+            self._out_frames.append(header)
+        self._out_frames.append(chunk)
+        stream.outbound_flow_control_window -= size
+        h2conn.outbound_flow_control_window -= size
+
+    def _pending_output(self) -> list[bytes | bytearray | memoryview]:
+        """Everything queued for the peer, in order: frames framed here, then h2's buffer."""
+        frames = self._out_frames
+        self._out_frames = []
+        data = self._take_output()
+        if data:
+            frames.append(data)
+        return frames
+
+    def _write_pending(self) -> None:
+        frames = self._pending_output()
+        transport = self.transport
+        if frames and transport is not None and not transport.is_closing():
+            if len(frames) == 1:
+                transport.write(frames[0])
+            else:
+                transport.writelines(frames)
+
     def _take_output(self) -> bytes | bytearray:
         """h2's pending output. data_to_send() copies its buffer into a new bytes object; taking the
         buffer itself (h2 starts a new one, as data_to_send does) saves a copy of every payload byte."""
@@ -1130,11 +1188,8 @@ class H2Endpoint(asyncio.Protocol):
         return buffer
 
     def _flush(self) -> None:
-        data = self._take_output()
         self._unflushed = 0
-        transport = self.transport
-        if data and transport is not None and not transport.is_closing():
-            transport.write(data)
+        self._write_pending()
         if self._write_blocked and not self._write_paused and not self.closing:
             self._pump_write_blocked()
 
@@ -1259,9 +1314,7 @@ class H2Endpoint(asyncio.Protocol):
                         additional_data=reason.encode(),
                         last_stream_id=self.last_processed_stream,
                     )
-                data = self.h2.data_to_send()
-                if data and not transport.is_closing():
-                    transport.write(data)
+                self._write_pending()
             except h2.exceptions.ProtocolError:
                 pass
         self.closing = True
