@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import uvloop
 
+from loom.runtime import settle_heap
 from waypoint.app import WaypointApp
 from waypoint.config import Config, ConfigError
 from waypoint.xds import SettingsError
@@ -33,6 +34,7 @@ async def run(app: WaypointApp) -> int:
         logger.error("the waypoint could not start: %s", exc)
         await app.stop()
         return EXIT_STARTUP
+    settle_heap()
     terminate = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import uvloop
 
+from loom.runtime import settle_heap
 from ztunnel.app import ZtunnelApp
 from ztunnel.config import Config, ConfigError
 from ztunnel.telemetry import LogControl, LogLevelError, configure_logging
@@ -38,6 +39,7 @@ async def run(config: Config, log_control: LogControl | None = None) -> int:
         logger.error("ztunnel could not start", extra={"fields": {"error": str(e)}})
         await app.stop()
         return EXIT_STARTUP
+    settle_heap()
     loop = asyncio.get_running_loop()
     terminate = asyncio.Event()
     signals_seen = 0
