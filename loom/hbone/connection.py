@@ -1390,6 +1390,11 @@ class StreamTunnel:
     def error(self) -> BaseException | None:
         return self._channel.error
 
+    @property
+    def pending(self) -> int:
+        """Bytes received and not read yet."""
+        return self._channel.sink.buffered()
+
     async def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
         """Up to `max_bytes` from the tunnel; b"" once the peer ended its side."""
         sink = self._channel.sink
