@@ -195,6 +195,7 @@ class Http1Session:
         self.requests = 0
         self.draining = False
         self._idle = False  # waiting for the first byte of the next request
+        self._body_sent = 0  # response body bytes of the current response sent so far
         self.loop = asyncio.get_running_loop()
 
     def drain(self) -> None:
@@ -423,6 +424,7 @@ class Http1Session:
             await self._write(
                 self.conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
             )
+            self._body_sent = 0
             sent = 0 if bodiless else await self._send_body(response)
             trailers = response.body.trailers if response.body is not None and chunked else ()
             if trailers and self.conn.their_http_version == b"1.1" and request.te_trailers:
@@ -445,7 +447,7 @@ class Http1Session:
             error = f"sending the response failed: {e}"
             return False
         finally:
-            response.complete(sent, error)
+            response.complete(max(sent, self._body_sent), error)
         if reader_task is not None and not reader_task.done():
             return False
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE and not self.draining:
@@ -458,12 +460,11 @@ class Http1Session:
             if response.content:
                 await self._write(self.conn.send(h11.Data(data=response.content)))
             return len(response.content)
-        sent = 0
         async with Deadline(self.loop, response.deadline):
             while data := await response.body.read():
                 await self._write(self.conn.send(h11.Data(data=data)))
-                sent += len(data)
-        return sent
+                self._body_sent += len(data)  # kept when the body fails midway: the record counts it
+        return self._body_sent
 
     async def _switch(self, response: ProxyResponse, upgraded: UpgradedStream) -> bool:
         headers = [

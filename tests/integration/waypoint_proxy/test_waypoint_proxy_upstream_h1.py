@@ -547,6 +547,7 @@ async def test_truncated_body_cuts_the_client_response_short(tmp_path: Path) -> 
     record = m.observer.records[0]
     assert (record.response_code, record.response_flags) == (200, "UC")
     assert record.response_code_details == "upstream_reset_after_response_started"
+    assert record.response_bytes == 50  # what reached the client before the cut
 
 
 @pytest.mark.parametrize(
