@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -28,6 +29,7 @@ from loom.hbone import (
     Decision,
     HboneServer,
     ServerLimits,
+    Tunnel,
     TunnelRequest,
 )
 from loom.hbone.connection import release_unwrapped_socket, socket_inode
@@ -217,6 +219,27 @@ async def running_server(
     finally:
         await server.close()
         sock.close()
+
+
+async def send_and_digest(tunnel: Tunnel, payload: bytes, *, chunk: int = 1 << 20) -> bytes:
+    """Write `payload` into the tunnel in `chunk`-sized writes (each drained), then EOF, while reading
+    everything that comes back; the SHA-256 digest of what came back, once the peer ended its side."""
+
+    async def read_all() -> bytes:
+        digest = hashlib.sha256()
+        while data := await tunnel.read():
+            digest.update(data)
+        return digest.digest()
+
+    reader = asyncio.ensure_future(read_all())
+    try:
+        for offset in range(0, len(payload), chunk):
+            tunnel.write(payload[offset : offset + chunk])
+            await tunnel.drain()
+        tunnel.write_eof()
+        return await asyncio.wait_for(reader, WAIT)
+    finally:
+        reader.cancel()
 
 
 @contextlib.asynccontextmanager

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import h2.errors
 import h2.events
@@ -33,6 +34,7 @@ from tests.integration.hbone.hbone_harness import (
     pool,
     raw_client_context,
     running_server,
+    send_and_digest,
 )
 
 MIB = 1024 * 1024
@@ -47,11 +49,11 @@ def pki(tmp_path: Path) -> Pki:
 class Served:
     """A handler answering every CONNECT with `serve`, running `body(stream)` in a task per stream."""
 
-    def __init__(self, body: Callable[[ServerStream], object]) -> None:
+    def __init__(self, body: Callable[[ServerStream], Coroutine[Any, Any, None]]) -> None:
         self.body = body
         self.streams: list[ServerStream] = []
         self.results: list[TunnelResult] = []
-        self.tasks: list[asyncio.Task[object]] = []
+        self.tasks: list[asyncio.Task[None]] = []
         self.release: asyncio.Event | None = None  # set: the decision waits for it
 
     async def __call__(self, request: TunnelRequest) -> Decision:
@@ -61,7 +63,7 @@ class Served:
         def serve(stream: ServerStream) -> None:
             assert stream.request is request
             self.streams.append(stream)
-            self.tasks.append(asyncio.ensure_future(self.body(stream)))  # type: ignore[arg-type]
+            self.tasks.append(asyncio.ensure_future(self.body(stream)))
 
         return Decision(200, serve=serve, on_close=self.results.append)
 
@@ -96,18 +98,7 @@ async def test_served_stream_echoes_8_mib_both_ways(pki: Pki) -> None:
             pki.issue("ns2", "client"), [sut.certificate.identity], sut.address, "127.0.0.1:9"
         )
 
-        async def read_all() -> bytes:
-            digest = hashlib.sha256()
-            while data := await tunnel.read():
-                digest.update(data)
-            return digest.digest()
-
-        reader = asyncio.ensure_future(read_all())
-        for offset in range(0, len(payload), MIB):
-            tunnel.write(payload[offset : offset + MIB])
-            await tunnel.drain()
-        tunnel.write_eof()
-        assert await asyncio.wait_for(reader, WAIT) == hashlib.sha256(payload).digest()
+        assert await send_and_digest(tunnel, payload) == hashlib.sha256(payload).digest()
         await asyncio.wait_for(tunnel.wait_closed(), WAIT)
         await eventually(lambda: len(served.results) == 1, within=WAIT)
     result = served.results[0]
@@ -203,6 +194,11 @@ async def test_abort_resets_the_stream(pki: Pki) -> None:
 async def test_a_failing_stream_server_resets_only_its_stream(pki: Pki) -> None:
     calls = 0
 
+    echoes: list[asyncio.Task[None]] = []
+
+    def start_echo(stream: ServerStream) -> None:
+        echoes.append(asyncio.ensure_future(echo_until_eof(stream)))
+
     async def handler(request: TunnelRequest) -> Decision:
         nonlocal calls
         calls += 1
@@ -212,7 +208,7 @@ async def test_a_failing_stream_server_resets_only_its_stream(pki: Pki) -> None:
                 raise RuntimeError("bug in the stream server")
 
             return Decision(200, serve=broken)
-        return Decision(200, serve=lambda stream: asyncio.ensure_future(echo_until_eof(stream)) and None)
+        return Decision(200, serve=start_echo)
 
     async with running_server(pki.issue("ns1", "server"), handler) as sut, pool() as p:
         client = pki.issue("ns2", "client")
@@ -225,6 +221,9 @@ async def test_a_failing_stream_server_resets_only_its_stream(pki: Pki) -> None:
         second.write(b"still serving")
         assert await asyncio.wait_for(second.read(), WAIT) == b"still serving"
         second.close()
+        [echo] = echoes
+        with pytest.raises(TunnelReset):  # the client's reset ends the echo's read
+            await asyncio.wait_for(echo, WAIT)
 
 
 async def test_a_reader_that_stops_holds_at_most_one_stream_window(pki: Pki) -> None:

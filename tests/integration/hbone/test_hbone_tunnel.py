@@ -37,6 +37,7 @@ from tests.integration.hbone.hbone_harness import (
     listening_socket,
     pool,
     running_server,
+    send_and_digest,
     start_echo,
     start_recorder,
     tcp_connector,
@@ -68,18 +69,7 @@ async def test_echo_8_mib_sha256(pki: Pki) -> None:
             tunnel = await p.connect(client_cert, [server_cert.identity], sut.address, "127.0.0.1:9", headers)
             assert tunnel.peer_identity == server_cert.identity
 
-            async def read_all() -> bytes:
-                digest = hashlib.sha256()
-                while data := await tunnel.read():
-                    digest.update(data)
-                return digest.digest()
-
-            reader = asyncio.ensure_future(read_all())
-            for offset in range(0, len(payload), MIB):
-                tunnel.write(payload[offset : offset + MIB])
-                await tunnel.drain()
-            tunnel.write_eof()
-            assert await asyncio.wait_for(reader, WAIT) == hashlib.sha256(payload).digest()
+            assert await send_and_digest(tunnel, payload) == hashlib.sha256(payload).digest()
             await asyncio.wait_for(tunnel.wait_closed(), WAIT)
             assert tunnel.error is None
             assert (tunnel.sent, tunnel.received) == (len(payload), len(payload))
