@@ -86,8 +86,10 @@ ABANDON_LINGER = 1.0
 # Queued writes smaller than this are joined into one DATA frame (up to the frame size allowed).
 COALESCE_BELOW = 16 * 1024
 
-# DATA payloads from this size on are framed here instead of by h2 (see H2Endpoint._send_data).
+# DATA payloads from this size on go to the transport as they are; smaller ones are copied behind
+# their header into one buffer, up to COALESCE_RECORD bytes (see H2Endpoint._send_data).
 DIRECT_DATA_MIN = 16 * 1024
+COALESCE_RECORD = 64 * 1024
 _DATA_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type 0 (DATA), flags, stream id
 _SENDABLE_STREAM_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
@@ -1041,11 +1043,15 @@ class H2Endpoint(asyncio.Protocol):
     def ack(self, stream_id: int, flow_len: int) -> None:
         if flow_len <= 0 or self.closing:
             return
+        h2conn = self.h2
         try:
-            self.h2.acknowledge_received_data(flow_len, stream_id)
+            h2conn.acknowledge_received_data(flow_len, stream_id)
         except (h2.exceptions.ProtocolError, ValueError):
             return
-        self._schedule_flush()
+        # h2 answers with WINDOW_UPDATE only once half a window was consumed: most acknowledgements
+        # leave nothing to send, and need no flush of their own.
+        if getattr(h2conn, "_data_to_send", True):
+            self._schedule_flush()
 
     def send_headers(self, channel: StreamChannel, headers: list[tuple[str, str]], end_stream: bool) -> None:
         self.h2.send_headers(channel.stream_id, headers, end_stream=end_stream)
@@ -1130,15 +1136,17 @@ class H2Endpoint(asyncio.Protocol):
             self.abandon("internal_error", ErrorCodes.INTERNAL_ERROR, "internal error")
 
     def _send_data(self, stream_id: int, chunk: bytes | memoryview, end_stream: bool) -> None:
-        """One DATA frame. A large payload bypasses h2's framing, which copies every payload twice (into
-        a new frame object, then into its output buffer; a memoryview three times): the 9-byte frame
-        header is made here and the payload goes to the transport as it is, queued after whatever h2
-        holds so far, so the order on the wire is kept. h2's connection and stream windows are debited
-        exactly as its send_data would. Small payloads, the END_STREAM frame and anything h2 would
-        refuse (a stream not open for sending, a frame over a window or the frame size) go through h2."""
+        """One DATA frame, framed here rather than by h2, whose send_data costs microseconds of Python
+        per frame and copies every payload twice (into a frame object, then into its output buffer; a
+        memoryview three times). The 9-byte header is made here; a large payload goes to the transport
+        as it is, a small one is copied behind the header into our output buffer (small frames of one
+        loop turn then leave in one TLS record). Either way it is queued after whatever h2 holds so
+        far, so the order on the wire is kept, and h2's connection and stream windows are debited
+        exactly as its send_data would. The END_STREAM frame and anything h2 would refuse (a stream not
+        open for sending, a frame over a window or the frame size) go through h2."""
         h2conn = self.h2
         size = len(chunk)
-        stream = h2conn.streams.get(stream_id) if size >= DIRECT_DATA_MIN and not end_stream else None
+        stream = None if end_stream else h2conn.streams.get(stream_id)
         if (
             stream is None
             or stream.state_machine.state not in _SENDABLE_STREAM_STATES
@@ -1148,14 +1156,25 @@ class H2Endpoint(asyncio.Protocol):
         ):
             h2conn.send_data(stream_id, chunk, end_stream=end_stream)
             return
-        head = self._take_output()
+        frames = self._out_frames
+        pending = self._take_output()
+        if pending:
+            frames.append(pending if isinstance(pending, bytearray) else bytearray(pending))
         header = _DATA_HEADER.pack(size >> 16, size & 0xFFFF, 0, 0, stream_id)
-        if head:
-            head += header  # with what h2 queued: one TLS record for the small frames
-            self._out_frames.append(head)
+        # Every bytearray in the list is ours (h2's buffer once taken, or made here): it can grow.
+        tail = frames[-1] if frames else None
+        if size < DIRECT_DATA_MIN:
+            if isinstance(tail, bytearray) and len(tail) < COALESCE_RECORD:
+                tail += header
+                tail += chunk
+            else:
+                frames.append(bytearray(header) + chunk)
         else:
-            self._out_frames.append(header)
-        self._out_frames.append(chunk)
+            if isinstance(tail, bytearray):
+                tail += header  # with what precedes it: no TLS record of 9 bytes
+            else:
+                frames.append(header)
+            frames.append(chunk)
         stream.outbound_flow_control_window -= size
         h2conn.outbound_flow_control_window -= size
 
