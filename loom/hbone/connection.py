@@ -92,6 +92,7 @@ DIRECT_DATA_MIN = 16 * 1024
 COALESCE_RECORD = 64 * 1024
 _DATA_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type 0 (DATA), flags, stream id
 _SENDABLE_STREAM_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
+_RECEIVING_STREAM_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
 _OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
 
 
@@ -698,6 +699,34 @@ class StreamChannel:
 # -------------------------------------------------------------------------------------------- endpoint
 
 
+class FastDataH2Connection(h2.connection.H2Connection):
+    """h2 with the common received DATA frame handled in a few lines instead of its per-frame
+    machinery (a debug repr of every frame, two state machines, event construction through them):
+    on an open stream, unpadded, without END_STREAM, for a stream without a declared content length
+    (CONNECT streams have none). h2's connection and stream windows are charged exactly as its own
+    path charges them (a frame beyond either window still raises FlowControlError), and the event
+    delivered is h2's DataReceived. Anything else goes through h2 unchanged."""
+
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        if frame.__class__ is DataFrame and not frame.flags:
+            stream = self.streams.get(frame.stream_id)
+            if (
+                stream is not None
+                and stream.state_machine.state in _RECEIVING_STREAM_STATES
+                and stream._expected_content_length is None
+                and self.state_machine.state in _OPEN_CONNECTION_STATES
+            ):
+                data = frame.data
+                size = len(data)
+                self._inbound_flow_control_window_manager.window_consumed(size)
+                stream._inbound_window_manager.window_consumed(size)
+                stream._actual_content_length += size
+                return [
+                    h2.events.DataReceived(stream_id=frame.stream_id, data=data, flow_controlled_length=size)
+                ]
+        return super()._receive_frame(frame)
+
+
 class ConnectionAbandoned(Exception):
     """Raised inside event handling once the connection decided to close (stops the dispatch)."""
 
@@ -753,7 +782,7 @@ class H2Endpoint(asyncio.Protocol):
 
     def _make_h2(self) -> h2.connection.H2Connection:
         config = h2.config.H2Configuration(client_side=not self.server_side, header_encoding=None)
-        return h2.connection.H2Connection(config)
+        return FastDataH2Connection(config)
 
     def _install_h2(self) -> h2.connection.H2Connection:
         h2conn = self._make_h2()

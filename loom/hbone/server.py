@@ -57,6 +57,7 @@ from h2.settings import SettingCodes
 from loom.hbone.connection import (
     Address,
     ChunkSink,
+    FastDataH2Connection,
     H2Endpoint,
     SocketBridge,
     StreamChannel,
@@ -160,7 +161,7 @@ class Decision:
 Handler = Callable[[TunnelRequest], Awaitable[Decision]]
 
 
-class _ServerH2Connection(h2.connection.H2Connection):
+class _ServerH2Connection(FastDataH2Connection):
     """h2 with its inbound MAX_CONCURRENT_STREAMS check lifted (see the module docstring)."""
 
     @property

@@ -22,6 +22,7 @@ from typing import Any
 
 import h2.connection
 import pytest
+from hyperframe.frame import DataFrame
 
 from loom.hbone import Decision, TunnelRequest
 from tests.integration.hbone.hbone_harness import WAIT, Pki, echo_handler, running_server, start_echo
@@ -129,6 +130,14 @@ async def test_node_connect_tunnel_carries_8_mib_both_ways(
         send_data(self, stream_id, data, **kw)
 
     monkeypatch.setattr(h2.connection.H2Connection, "send_data", counting_send_data)
+    received_by_h2: list[int] = []  # DATA frames the server let h2 process (the rest it took itself)
+    receive_data_frame = h2.connection.H2Connection._receive_data_frame
+
+    def counting_receive(self: h2.connection.H2Connection, frame: DataFrame) -> Any:
+        received_by_h2.append(len(frame.data))
+        return receive_data_frame(self, frame)
+
+    monkeypatch.setattr(h2.connection.H2Connection, "_receive_data_frame", counting_receive)
     pki = Pki.create(tmp_path / "pki")
     server_cert, client_cert = pki.issue("ns1", "server"), pki.issue("ns2", "node")
     (tmp_path / "ca.pem").write_text(client_cert.roots_pem)
@@ -169,5 +178,7 @@ async def test_node_connect_tunnel_carries_8_mib_both_ways(
             assert [c.peer_identity for c in calls] == [client_cert.identity]
             assert sut.server.stats.connections_opened == 1
             assert sum(framed_by_h2) < len(payload) // 4, "the large DATA frames did not take the fast path"
+            # Only the frame ending the stream (and any padded one) goes through h2 on the way in.
+            assert sum(received_by_h2) < len(payload) // 4, "received DATA did not take the fast path"
     finally:
         await echo.close()

@@ -14,6 +14,7 @@ from typing import Any
 import h2.errors
 import h2.events
 import pytest
+from hyperframe.frame import DataFrame
 
 from loom.hbone import (
     Decision,
@@ -282,3 +283,30 @@ async def test_writes_after_the_stream_failed_are_dropped_and_drain_raises(pki: 
         await eventually(lambda: len(served.streams) == 1, within=WAIT)
         tunnel.close()  # RST_STREAM CANCEL
         assert isinstance(await asyncio.wait_for(outcome, WAIT), TunnelReset)
+
+
+async def test_data_beyond_the_stream_window_is_a_flow_control_error(pki: Pki, tmp_path: Path) -> None:
+    """The received-DATA fast path charges h2's windows: a peer that ignores them (raw frames past the
+    4 MiB stream window while nobody reads) gets GOAWAY FLOW_CONTROL_ERROR, as from h2 itself."""
+    started = asyncio.Event()
+
+    async def never_read(stream: ServerStream) -> None:
+        started.set()
+        await asyncio.sleep(WAIT)
+
+    served = Served(never_read)
+    async with running_server(pki.issue("ns1", "server"), served) as sut:
+        client = await raw(sut, pki, tmp_path)
+        stream_id = await client.request(CONNECT)
+        assert await client.response_status(stream_id) == 200
+        await asyncio.wait_for(started.wait(), WAIT)
+        chunk = b"f" * 16384
+        for _ in range(ServerLimits().stream_window // len(chunk) + 2):
+            client.frame(DataFrame(stream_id, data=chunk))
+        await client.flush()
+        goaway = await client.wait_for(lambda e: isinstance(e, h2.events.ConnectionTerminated))
+        assert isinstance(goaway, h2.events.ConnectionTerminated)
+        assert goaway.error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
+        client.close()
+    for task in served.tasks:
+        task.cancel()
