@@ -75,7 +75,7 @@ import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import parse_qsl, quote
 
 from loom.resources.diagnostics import Diagnostic, Severity
@@ -1026,6 +1026,10 @@ def _index_resolver(services: ServiceIndex) -> ServiceResolver:
     return resolve
 
 
+# Default actions kept per Service (route-less traffic); past this many the cache starts over.
+DEFAULT_FORWARD_CACHE: Final = 4096
+
+
 class RouteTable:
     """The compiled HTTPRoutes of one configuration: a `waypoint.model.Router`.
 
@@ -1042,6 +1046,7 @@ class RouteTable:
         self._services = services
         self._gateway_routes = gateway_routes
         self._gateway_cache: dict[tuple[str, str, int, str], tuple[_Entry, ...] | None] = {}
+        self._default_forwards: dict[ServiceRef, Forward] = {}
         self._rng = rng
         self.diagnostics = diagnostics
 
@@ -1072,7 +1077,14 @@ class RouteTable:
     def route(self, request: RequestView) -> RouteAction:
         entries = self._entries_for(request)
         if entries is None:
-            return Forward(backends=(WeightedBackend(request.service, 1),))
+            # No route: the Service itself. The action is immutable, so one per Service serves all.
+            default = self._default_forwards.get(request.service)
+            if default is None:
+                if len(self._default_forwards) >= DEFAULT_FORWARD_CACHE:
+                    self._default_forwards.clear()
+                default = Forward(backends=(WeightedBackend(request.service, 1),))
+                self._default_forwards[request.service] = default
+            return default
         facts = _RequestFacts(request)
         port = request.service.port
         for entry in entries:

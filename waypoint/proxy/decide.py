@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from waypoint.model import AppProtocol, Forward, Peer, RequestView, RetryPolicy, WeightedBackend
 from waypoint.proxy.headers import apply_edits
@@ -83,13 +83,19 @@ def upstream_request(
     headers = apply_edits([(n, v) for n, v in head.headers if n != "expect"], forward.request_headers)
     new_path = forward.rewrite_path if forward.rewrite_path is not None else path
     target = new_path + (f"?{query}" if query else "") if new_path != "*" else "*"
-    return replace(
-        head,
-        headers=headers,
-        target=target,
+    # Field by field rather than dataclasses.replace, which costs a tenth of this function per request.
+    return RequestHead(
+        method=head.method,
         authority=forward.rewrite_authority or head.authority,
+        target=target,
+        headers=headers,
+        protocol=head.protocol,
+        scheme=head.scheme,
+        content_length=head.content_length,
+        has_body=head.has_body,
         upgrade=head.upgrade if protocol == HTTP11 else None,
         expect_continue=False,
+        te_trailers=head.te_trailers,
     )
 
 
@@ -147,4 +153,7 @@ def _grpc_message(text: str) -> str:
 
 
 def response_headers(head: ResponseHead, forward: Forward) -> ResponseHead:
-    return replace(head, headers=apply_edits(head.headers, forward.response_headers))
+    edits = forward.response_headers
+    if not (edits.set or edits.add or edits.remove):
+        return head  # the usual route edits nothing: no copy of the head
+    return ResponseHead(head.status, apply_edits(head.headers, edits), head.content_length)
