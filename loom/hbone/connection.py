@@ -1217,6 +1217,8 @@ class H2Endpoint(asyncio.Protocol):
         return frames
 
     def _write_pending(self) -> None:
+        if not self._out_frames and not getattr(self.h2, "_data_to_send", True):
+            return  # the usual flush after a read: nothing to send
         frames = self._pending_output()
         transport = self.transport
         if frames and transport is not None and not transport.is_closing():
@@ -1232,6 +1234,8 @@ class H2Endpoint(asyncio.Protocol):
         buffer = getattr(h2conn, "_data_to_send", None)
         if not isinstance(buffer, bytearray):
             return h2conn.data_to_send()
+        if not buffer:
+            return b""  # nothing queued: h2 keeps its (empty) buffer
         h2conn._data_to_send = bytearray()
         return buffer
 
