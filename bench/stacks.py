@@ -38,6 +38,20 @@ WAYPOINT_COMPONENTS: Final[Components] = (
     ("CPython runtime", ("(libpython", "(object.h)", "(python", "Objects/", "Python/")),
 )
 
+ZTUNNEL_COMPONENTS: Final[Components] = (
+    (
+        "syscalls (kernel TCP, veth, netfilter)",
+        tuple(f"{call} (libc" for call in ("write", "read", "writev", "sendmsg", "recvmsg", "send", "recv")),
+    ),
+    ("libc: memcpy, malloc (unsymbolised)", ("(libc.so", "(libpthread")),
+    ("TLS (ssl module, OpenSSL)", ("(ssl.py)", "_ssl", "(libssl", "(libcrypto")),
+    ("h2 + hyperframe (HTTP/2 state, framing)", ("(h2/", "(hyperframe/", "(hpack/")),
+    ("loom.hbone (HBONE endpoint, relay)", ("(loom/",)),
+    ("ztunnel", ("(ztunnel/",)),
+    ("uvloop / asyncio", ("(loop.c)", "(uvloop", "(asyncio/", "(libuv", "core.c", "linux.c", "stream.c")),
+    ("CPython runtime", ("(libpython", "(object.h)", "(python", "Objects/", "Python/")),
+)
+
 
 def component(leaf: str, components: Components) -> str:
     for name, markers in components:

@@ -31,30 +31,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, cast
+from typing import Final, cast
 
 import uvloop
 
+from bench.ztunnel_load import emit, percentile
+
 MAX_HEAD: Final = 64 << 10  # a response or request head larger than this is a broken peer
 DRAIN_WAIT: Final = 10.0
-
-
-def emit(**fields: Any) -> None:
-    sys.stdout.write(json.dumps(fields, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence (0.0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), int(fraction * len(sorted_values) + 0.999999)))
-    return sorted_values[rank - 1]
 
 
 def latency_summary(samples: list[float]) -> dict[str, float]:

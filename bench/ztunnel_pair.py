@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import re
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.netlab import WAIT, BenchLab, Child, Memory, bench_lab, in_pod, python_module
+from bench.stacks import ZTUNNEL_COMPONENTS, summarize
 from loom.testing.netns import Pod
 from tests.namespaced.ztunnel_harness import APP_PORT
 
@@ -245,7 +245,7 @@ async def profile_loom(loom: Route, args: argparse.Namespace) -> dict[str, str]:
                     "250",
                     # C frames too, so OpenSSL, uvloop and the syscalls show up under their own names.
                     # (Not --gil: the ssl module encrypts with the GIL released.) py-spy's idle
-                    # detection does not recognise uvloop's epoll wait; `summarize_stacks` drops it.
+                    # detection does not recognise uvloop's epoll wait; `bench.stacks.summarize` drops it.
                     "--native",
                     "--nolineno",
                     "-f",
@@ -272,7 +272,9 @@ async def profile_loom(loom: Route, args: argparse.Namespace) -> dict[str, str]:
                         await sampler.stop()
         for node, _, target in samplers:
             if target.exists():
-                summaries[f"{phase} ztunnel-{node}"] = summarize_stacks(target.read_text())
+                summaries[f"{phase} ztunnel-{node}"] = summarize(
+                    target.read_text(), ZTUNNEL_COMPONENTS, "(loom/hbone/"
+                )
                 (out / f"ztunnel-{node}-{phase}-top.txt").write_text(summaries[f"{phase} ztunnel-{node}"])
     return summaries
 
@@ -280,60 +282,6 @@ async def profile_loom(loom: Route, args: argparse.Namespace) -> dict[str, str]:
 def make_directory(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-# Leaf frames of a thread waiting, not working: the loop's epoll wait; the other threads (executor,
-# grpc) measured idle from /proc/<pid>/task during the load, so their samples are waits too.
-IDLE_LEAVES: Final = ("epoll_wait (", "epoll_pwait (")
-IDLE_FRAMES: Final = ("Thread._bootstrap (threading.py)",)
-COMPONENTS: Final = (
-    # (component, markers in a leaf frame's "function (file)" text); the first match wins.
-    (
-        "syscalls (kernel TCP, veth, netfilter)",
-        tuple(f"{call} (libc" for call in ("write", "read", "writev", "sendmsg", "recvmsg", "send", "recv")),
-    ),
-    ("libc: memcpy, malloc (unsymbolised)", ("(libc.so", "(libpthread")),
-    ("TLS (ssl module, OpenSSL)", ("(ssl.py)", "_ssl", "(libssl", "(libcrypto")),
-    ("h2 + hyperframe (HTTP/2 state, framing)", ("(h2/", "(hyperframe/", "(hpack/")),
-    ("loom.hbone (HBONE endpoint, relay)", ("(loom/",)),
-    ("ztunnel", ("(ztunnel/",)),
-    ("uvloop / asyncio", ("(loop.c)", "(uvloop", "(asyncio/", "(libuv", "core.c", "linux.c", "stream.c")),
-    ("CPython runtime", ("(libpython", "(object.h)", "(python", "Objects/", "Python/")),
-)
-
-
-def component(leaf: str) -> str:
-    for name, markers in COMPONENTS:
-        if any(m in leaf for m in markers):
-            return name
-    return "other"
-
-
-def summarize_stacks(collapsed: str, top: int = 12) -> str:
-    """py-spy collapsed stacks ("a;b;c N") as: samples by component of the leaf frame (where the CPU
-    was), then the top leaf functions."""
-    own: collections.Counter[str] = collections.Counter()
-    parts: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in collapsed.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
-        leaf = frames[-1]
-        if leaf.startswith(IDLE_LEAVES) or any(f in IDLE_FRAMES for f in frames):
-            continue
-        total += count
-        own[leaf] += count
-        parts[component(leaf)] += count
-    if not total:
-        return "  no samples"
-    lines = [f"  {total} on-CPU samples of the event loop thread; by component of the leaf frame:"]
-    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in parts.most_common()]
-    lines.append("  top functions (self):")
-    lines += [f"    {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,8 +34,10 @@ from ztunnel.config import (
     parse_duration,
     parse_grpc_target,
     parse_log_format,
+    parse_log_level,
     parse_path,
     parse_text,
+    positive_int_parser,
 )
 
 T = TypeVar("T")
@@ -59,7 +61,6 @@ LogFormat = Literal["text", "json"]
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
-_LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "off")
 
 
 class ConfigError(ValueError):
@@ -96,21 +97,7 @@ def _trust_domain(text: str) -> str:
     return value
 
 
-def _log_level(text: str) -> str:
-    value = text.strip().lower()
-    if value not in _LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-    if not 0 < value <= _MAX_COUNT:
-        raise ValueError(f"must be in 1..{_MAX_COUNT}")
-    return value
+_count = positive_int_parser(_MAX_COUNT)
 
 
 def _bytes(text: str) -> int:
@@ -197,7 +184,7 @@ class Config:
         )
         secret_ttl = read("SECRET_TTL", f"{DEFAULT_SECRET_TTL.total_seconds():g}s", parse_duration)
         log_format = read("LOG_FORMAT", "text", parse_log_format)
-        log_level = read("LOG_LEVEL", "info", _log_level)
+        log_level = read("LOG_LEVEL", "info", parse_log_level)
         limits = _read_limits(env, problems)
         if problems:
             raise ConfigError(problems)

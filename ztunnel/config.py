@@ -143,14 +143,22 @@ def parse_log_format(text: str) -> LogFormat:
     raise ValueError("expected text or json")
 
 
-def _parse_positive_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-    if not 0 < value <= MAX_STREAMS_LIMIT:
-        raise ValueError(f"must be in 1..{MAX_STREAMS_LIMIT}")
-    return value
+def positive_int_parser(maximum: int) -> Callable[[str], int]:
+    """A parser of whole numbers in 1..maximum (a bound above which a value is a typo)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if not 0 < value <= maximum:
+            raise ValueError(f"must be in 1..{maximum}")
+        return value
+
+    return parse
+
+
+_parse_positive_int = positive_int_parser(MAX_STREAMS_LIMIT)
 
 
 def _parse_node_name(text: str) -> str:
@@ -179,7 +187,7 @@ def _parse_uds(text: str) -> str:
     return str(value)
 
 
-def _parse_level(text: str) -> str:
+def parse_log_level(text: str) -> str:
     value = text.strip().lower()
     parse_level(value)  # the same words the admin endpoint accepts; raises LogLevelError (a ValueError)
     return value
@@ -242,7 +250,7 @@ class Config:
             parse_duration,
         )
         log_format = read("LOG_FORMAT", DEFAULT_LOG_FORMAT, parse_log_format)
-        log_level = read("LOG_LEVEL", DEFAULT_LOG_LEVEL, _parse_level)
+        log_level = read("LOG_LEVEL", DEFAULT_LOG_LEVEL, parse_log_level)
         secret_ttl = read("SECRET_TTL", f"{DEFAULT_SECRET_TTL.total_seconds():g}s", parse_duration)
         max_streams = read(
             "POOL_MAX_STREAMS_PER_CONNECTION",

@@ -1171,8 +1171,9 @@ class H2Endpoint(asyncio.Protocol):
         as it is, a small one is copied behind the header into our output buffer (small frames of one
         loop turn then leave in one TLS record). Either way it is queued after whatever h2 holds so
         far, so the order on the wire is kept, and h2's connection and stream windows are debited
-        exactly as its send_data would. The END_STREAM frame and anything h2 would refuse (a stream not
-        open for sending, a frame over a window or the frame size) go through h2."""
+        exactly as its send_data would. The caller (pump_out) cuts `chunk` to both windows and the
+        frame size; the END_STREAM frame, and a stream or connection h2 would not send on, go through
+        h2 (which raises the right error)."""
         h2conn = self.h2
         size = len(chunk)
         stream = None if end_stream else h2conn.streams.get(stream_id)
@@ -1180,8 +1181,6 @@ class H2Endpoint(asyncio.Protocol):
             stream is None
             or stream.state_machine.state not in _SENDABLE_STREAM_STATES
             or h2conn.state_machine.state not in _OPEN_CONNECTION_STATES
-            or size > h2conn.local_flow_control_window(stream_id)
-            or size > h2conn.max_outbound_frame_size
         ):
             h2conn.send_data(stream_id, chunk, end_stream=end_stream)
             return

@@ -401,7 +401,7 @@ class Http1Session:
         pipe: BodyPipe | None,
         reader_task: asyncio.Task[None] | None,
     ) -> bool:
-        sent = 0
+        self._body_sent = 0
         error: str | None = "the response was not sent"
         try:
             if response.upgraded is not None:
@@ -424,8 +424,8 @@ class Http1Session:
             await self._write(
                 self.conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
             )
-            self._body_sent = 0
-            sent = 0 if bodiless else await self._send_body(response)
+            if not bodiless:
+                await self._send_body(response)
             trailers = response.body.trailers if response.body is not None and chunked else ()
             if trailers and self.conn.their_http_version == b"1.1" and request.te_trailers:
                 end = h11.EndOfMessage(
@@ -447,7 +447,7 @@ class Http1Session:
             error = f"sending the response failed: {e}"
             return False
         finally:
-            response.complete(max(sent, self._body_sent), error)
+            response.complete(self._body_sent, error)
         if reader_task is not None and not reader_task.done():
             return False
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE and not self.draining:
@@ -455,16 +455,18 @@ class Http1Session:
             return True
         return False
 
-    async def _send_body(self, response: ProxyResponse) -> int:
+    async def _send_body(self, response: ProxyResponse) -> None:
+        """The body, counted in `_body_sent` as it goes (a body failing midway is counted as far as
+        it got)."""
         if response.body is None:
             if response.content:
                 await self._write(self.conn.send(h11.Data(data=response.content)))
-            return len(response.content)
+                self._body_sent = len(response.content)
+            return
         async with Deadline(self.loop, response.deadline):
             while data := await response.body.read():
                 await self._write(self.conn.send(h11.Data(data=data)))
-                self._body_sent += len(data)  # kept when the body fails midway: the record counts it
-        return self._body_sent
+                self._body_sent += len(data)
 
     async def _switch(self, response: ProxyResponse, upgraded: UpgradedStream) -> bool:
         headers = [
