@@ -14,26 +14,29 @@ used.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Sequence
 from typing import Protocol
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
+from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from loom.api import ca_pb2
 from loom.identity import Identity, WorkloadCertificate
 from ztunnel.identity.clock import Clock, SystemClock
 from ztunnel.xds.channel import (
+    CALL_ERRORS,
     DEFAULT_CLUSTER_ID,
     CredentialError,
     RootCertificate,
     TokenSource,
     call_metadata,
+    describe_call_error,
     read_root,
     secure_channel,
 )
@@ -44,16 +47,6 @@ IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 DEFAULT_CERT_TTL = dt.timedelta(hours=24)
 # A CSR round trip is milliseconds; a CA that has not answered in 10 s is treated as unavailable.
 DEFAULT_CALL_TIMEOUT_SECONDS = 10.0
-# The channel's own reconnect backoff must not outlast the manager's retry schedule.
-_CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-    ("grpc.enable_retries", 0),
-)
-_CONNECTION_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
 
 
 class CertificateError(Exception):
@@ -67,7 +60,7 @@ class CaUnavailable(CertificateError):
 class CertificateRefused(CertificateError):
     """The CA answered with an error (for node authorization failures always the same opaque one)."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: Status | None = None) -> None:
         super().__init__(message)
         self.code = code
 
@@ -191,25 +184,21 @@ class CaClient:
         self._server_name = server_name
         self._timeout = timeout
         self._clock = clock or SystemClock()
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: Channel | None = None
         self._channel_root = b""
-        self._lock = asyncio.Lock()
 
-    async def _channel_for(self, root: bytes) -> grpc.aio.Channel:
-        async with self._lock:
-            if self._channel is not None and root == self._channel_root:
-                return self._channel
-            old, self._channel = self._channel, None
-            if old is not None:
-                await old.close()
-            self._channel = secure_channel(
-                self._address,
-                root.decode("ascii", "replace"),
-                server_name=self._server_name,
-                options=_CHANNEL_OPTIONS,
-            )
-            self._channel_root = root
+    def _channel_for(self, root: bytes) -> Channel:
+        """The channel for this root (a changed root gets a new one); it reconnects by itself on the
+        next call after a failure, and the identity manager's schedule spaces the retries."""
+        if self._channel is not None and root == self._channel_root:
             return self._channel
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = secure_channel(
+            self._address, root.decode("ascii", "replace"), server_name=self._server_name
+        )
+        self._channel_root = root
+        return self._channel
 
     async def fetch_certificate(self, identity: Identity) -> WorkloadCertificate:
         try:
@@ -222,25 +211,25 @@ class CaClient:
             csr=build_csr(identity, key), validity_duration=int(self._ttl.total_seconds())
         )
         request.metadata.update({IMPERSONATED_IDENTITY: str(identity)})
-        channel = await self._channel_for(root)
-        call = channel.unary_unary(
+        call = UnaryUnaryMethod(
+            self._channel_for(root),
             CA_METHOD,
-            request_serializer=ca_pb2.IstioCertificateRequest.SerializeToString,
-            response_deserializer=ca_pb2.IstioCertificateResponse.FromString,
+            ca_pb2.IstioCertificateRequest,
+            ca_pb2.IstioCertificateResponse,
         )
         try:
             response = await call(request, metadata=metadata, timeout=self._timeout)
-        except grpc.aio.AioRpcError as e:
-            message = f"certificate for {identity}: {e.code().name}: {e.details()}"
-            if e.code() in _CONNECTION_CODES:
+        except CALL_ERRORS as e:
+            unreachable, text = describe_call_error(e)
+            message = f"certificate for {identity}: {text}"
+            if unreachable:
                 raise CaUnavailable(message) from e
-            raise CertificateRefused(message, e.code()) from e
+            raise CertificateRefused(message, e.status if isinstance(e, GRPCError) else None) from e
         return verify_issued(
             identity, key, list(response.cert_chain), root.decode("ascii", "replace"), self._clock.now()
         )
 
     async def close(self) -> None:
-        async with self._lock:
-            channel, self._channel = self._channel, None
-            if channel is not None:
-                await channel.close()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()

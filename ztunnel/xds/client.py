@@ -33,18 +33,20 @@ import logging
 import random
 from dataclasses import dataclass
 
-import grpc
 import prometheus_client
+from grpclib.const import Cardinality
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from loom.api import discovery_pb2
 from ztunnel.state import ProxyState
 from ztunnel.xds.channel import (
+    CALL_ERRORS,
     DEFAULT_CLUSTER_ID,
     CredentialError,
     RootCertificate,
     TokenSource,
     call_metadata,
+    describe_call_error,
     secure_channel,
 )
 from ztunnel.xds.session import NodeInfo, ResponseOutcome, XdsSession
@@ -59,15 +61,8 @@ XDS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggreg
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # A dead controller (powered-off node) does not close TCP; pings find out. The controller accepts
 # pings every 5 s at most, so 30 s is well inside its policy.
-_KEEPALIVE_OPTIONS = (
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.enable_retries", 0),
-)
-_CONNECTION_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
+KEEPALIVE_SECONDS = 30.0
+KEEPALIVE_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +155,7 @@ class XdsClient:
         self.metrics = XdsMetrics(registry if registry is not None else CollectorRegistry(auto_describe=True))
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()
-        self._options = (
-            *_KEEPALIVE_OPTIONS,
-            ("grpc.max_receive_message_length", max_message_bytes),
-        )
+        self._max_message_bytes = max_message_bytes
         self.ready = asyncio.Event()
         self.connected = False
         self.connections = 0  # streams that delivered at least one response
@@ -195,10 +187,10 @@ class XdsClient:
             try:
                 delivered = await self._stream()
                 self.last_error = ""
-            except grpc.aio.AioRpcError as e:
-                reason = "ConnectionError" if e.code() in _CONNECTION_CODES else "Error"
+            except CALL_ERRORS as e:
+                unreachable, self.last_error = describe_call_error(e)
+                reason = "ConnectionError" if unreachable else "Error"
                 delivered = self._delivered
-                self.last_error = f"{e.code().name}: {e.details()}"
             except CredentialError as e:
                 reason = "Error"
                 self.last_error = str(e)
@@ -235,41 +227,33 @@ class XdsClient:
         self._delivered = False
         metadata = call_metadata(self._token_source, self._cluster_id)
         channel = secure_channel(
-            self._address, self._root, server_name=self._server_name, options=self._options
+            self._address,
+            self._root,
+            server_name=self._server_name,
+            keepalive_seconds=KEEPALIVE_SECONDS,
+            keepalive_timeout_seconds=KEEPALIVE_TIMEOUT_SECONDS,
+            max_message_bytes=self._max_message_bytes,
         )
         try:
-            call = channel.stream_stream(
+            async with channel.request(
                 XDS_METHOD,
-                request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
-                response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
-            )(metadata=metadata)
-            try:
+                Cardinality.STREAM_STREAM,
+                discovery_pb2.DeltaDiscoveryRequest,
+                discovery_pb2.DeltaDiscoveryResponse,
+                metadata=metadata,
+            ) as call:
                 for request in self.session.connect():
-                    await self._write(call, request)
+                    await call.send_message(request)
                 while True:
-                    response = await call.read()
-                    if response is grpc.aio.EOF:
+                    response = await call.recv_message()
+                    if response is None:
+                        # The controller ended the stream: its status (trailers) says how.
+                        await call.end()
                         return self._delivered
-                    assert isinstance(response, discovery_pb2.DeltaDiscoveryResponse)
                     outcome = self._handle(response)
-                    await self._write(call, outcome.reply)
-            finally:
-                call.cancel()
+                    await call.send_message(outcome.reply)
         finally:
-            await channel.close()
-
-    async def _write(
-        self,
-        call: grpc.aio.StreamStreamCall[
-            discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse
-        ],
-        request: discovery_pb2.DeltaDiscoveryRequest,
-    ) -> None:
-        try:
-            await call.write(request)
-        except asyncio.InvalidStateError:
-            # The server already ended the call; the next read reports how.
-            pass
+            channel.close()
 
     def _handle(self, response: discovery_pb2.DeltaDiscoveryResponse) -> ResponseOutcome:
         url = response.type_url

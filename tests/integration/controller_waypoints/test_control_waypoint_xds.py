@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from control_harness import RawStream, waypoint_settings
+from grpclib.const import Status
 
 from controller.app import ControllerApp
 from controller.xds.resources import WAYPOINT_CONFIG_TYPE_URL
@@ -255,7 +256,7 @@ async def test_ca_issues_a_waypoint_its_identity_and_refuses_others(env: Env) ->
         ):
             with pytest.raises(CertificateRefused) as refused:
                 await ca.fetch_certificate(other)
-            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert refused.value.code is Status.UNAUTHENTICATED
         # The Gateway goes away: its credential stops working at once.
         write_manifests(env.config / "base.yaml", ns("default", AMBIENT), gateway("second"))
         await eventually(lambda: "default/waypoint" not in served(env.app), within=WAIT)

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
+from grpclib.const import Status
 from ztunnel_cp_harness import (
     AMBIENT,
     WAIT,
@@ -136,7 +136,7 @@ async def test_local_workload_certificate_is_prefetched(node: Node) -> None:
 async def test_ca_refuses_an_identity_without_a_pod_on_the_node(node: Node) -> None:
     with pytest.raises(CertificateRefused) as refused:
         await node.ca.fetch_certificate(BOB)
-    assert refused.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert refused.value.code is Status.UNAUTHENTICATED
     assert "request authentication failure" in str(refused.value)
     exposition = node.app.metrics.exposition().decode()
     assert metric_value(exposition, "loom_ca_certificates_refused_total", {"reason": "no-pod-on-node"}) == 1
