@@ -134,12 +134,18 @@ def secure_channel(
     when a ping is not answered within `keepalive_timeout_seconds` (a powered-off controller does not
     close TCP)."""
     host, port = split_address(address)
-    config = Configuration(
-        _keepalive_time=keepalive_seconds,
-        _keepalive_timeout=keepalive_timeout_seconds,
-        _keepalive_permit_without_calls=keepalive_seconds is not None,
-        ssl_target_name_override=server_name or host,
-    )
+    keepalive: dict[str, Any] = {}
+    if keepalive_seconds is not None:
+        # A ping every keepalive_seconds for as long as the connection lives, also when no data moves
+        # (grpclib's default stops after two such pings, which would leave an idle xDS stream blind).
+        keepalive = {
+            "_keepalive_time": keepalive_seconds,
+            "_keepalive_timeout": keepalive_timeout_seconds,
+            "_keepalive_permit_without_calls": True,
+            "_http2_max_pings_without_data": 0,
+            "_http2_min_sent_ping_interval_without_data": keepalive_seconds,
+        }
+    config = Configuration(ssl_target_name_override=server_name or host, **keepalive)
     return Channel(
         host, port, ssl=tls_context(root), config=config, codec=BoundedProtoCodec(max_message_bytes)
     )
