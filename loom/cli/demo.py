@@ -387,6 +387,10 @@ class Demo:
         check(
             not denied.ok and "403" in denied.output, "GET from ratings: 403 (not productpage)", denied.output
         )
+        # The waypoint writes its access log in batches (every 100 ms): wait for both denials' lines.
+        eventually(
+            lambda: sum('" 403 ' in line for line in self.waypoint_log()) >= 2, "the denials' log lines"
+        )
         show("\n".join(line for line in self.waypoint_log() if '" 403 ' in line)[-600:])
         self.loomctl(
             "delete", "-f", str(ambient / "l7-policy.yaml"), "-f", str(istio / "route-reviews-90-10.yaml")

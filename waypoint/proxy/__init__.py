@@ -6,9 +6,10 @@ Modules, in the order a request meets them:
 
 * `server`: `WaypointProxy`, the HBONE listener and the per-tunnel decision (unknown destination, L4
   policy, TCP splice or HTTP session);
-* `downstream_h1` / `downstream_h2`: the client-facing HTTP/1.1 (h11) and HTTP/2 (h2) sessions, with
-  `h1head` (raw request-head checks, the smuggling defences) and `headers` (HTTP/2 request validation,
-  hop-by-hop removal, route header edits, request ids) and `flood` (rapid reset, PING/SETTINGS floods);
+* `downstream_h1` / `downstream_h2`: the client-facing HTTP/1.1 (heads by llhttp, chunked bodies by
+  h11) and HTTP/2 (h2) sessions, with `h1head` (raw request-head checks, the smuggling defences),
+  `headers` (HTTP/2 request validation, hop-by-hop removal, route header edits, request ids) and
+  `flood` (rapid reset, PING/SETTINGS floods);
 * `pipeline`: per request normalize -> authorize -> route -> forward with retries -> record, with the
   pure decisions in `decide`;
 * `upstream`, `upstream_h1`, `upstream_h2`: HBONE tunnels to backend pods and pooled HTTP/1.1 /

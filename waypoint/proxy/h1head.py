@@ -1,28 +1,34 @@
-"""Sans-IO checks of a raw HTTP/1.1 request head, for what h11 accepts but a proxy must refuse.
+"""Sans-IO checks and parsing of a raw HTTP/1.1 request head.
 
 Theory of operation
 -------------------
-h11 parses requests correctly but leniently where RFC 9112 allows leniency, and request smuggling
-lives exactly there: two parties that frame the same bytes differently. The waypoint never forwards
-raw bytes (every request is re-framed by h11 towards the backend), so a desync with the backend is
-impossible by construction; still, a request whose framing is ambiguous is an attack or a broken
-client, and the hardening checklist (item 8) wants it refused with 400 and the connection closed.
+Parsers accept requests leniently where RFC 9112 allows leniency, and request smuggling lives exactly
+there: two parties that frame the same bytes differently. The waypoint never forwards raw bytes
+(every request is re-framed towards the backend), so a desync with the backend is impossible by
+construction; still, a request whose framing is ambiguous is an attack or a broken client, and the
+hardening checklist (item 8) wants it refused with 400 and the connection closed.
 
-The HTTP/1.1 session therefore holds each request head back from h11 until the blank line that ends
-it has arrived (`find_head_end`), bounded by `max_request_head_bytes` (431 beyond), and runs
+The HTTP/1.1 session therefore holds each request head back until the blank line that ends it has
+arrived (`find_head_end`), bounded by `max_request_head_bytes` (431 beyond), and runs
 `check_request_head` on the raw bytes first. What it refuses, each with its counter reason:
 
-* bare LF line endings (h11 accepts them) and bare CR: `bare_lf`, `bare_cr`;
-* obs-fold continuation lines (h11 joins them): `obs_fold`;
-* control characters, NUL included, in header values (h11 accepts all but NUL): `control_char`;
+* bare LF line endings and bare CR: `bare_lf`, `bare_cr`;
+* obs-fold continuation lines: `obs_fold`;
+* control characters, NUL included, in header values: `control_char`;
 * more than `max_request_headers` fields: `too_many_headers` (431);
-* Transfer-Encoding with Content-Length (h11 silently prefers TE): `te_and_cl`;
+* Transfer-Encoding with Content-Length: `te_and_cl`;
 * Transfer-Encoding twice, or with any value but exactly `chunked` (tab or space variants,
   `identity, chunked`, `xchunked`): `bad_transfer_encoding`;
 * Transfer-Encoding in an HTTP/1.0 request (RFC 9112 §6.1: faulty framing): `te_http10`;
 * Content-Length twice (even with equal values), as a list, or not 1*DIGIT: `bad_content_length`;
 * a version other than HTTP/1.0 / HTTP/1.1 (505), the CONNECT method (405), and request targets that
   are not origin-form (or `*` for OPTIONS): `http_version`, `connect_method`, `target_form`.
+
+Only then is the head parsed, by llhttp (`parse_request_head`, through httptools: Node.js's parser,
+strict mode), fed exactly the head's bytes, so that no parser state survives into the body or the next
+request. llhttp refuses what is not HTTP (unknown methods, invalid tokens or URL bytes); the head must
+also carry exactly one Host when it is HTTP/1.1 (RFC 9112 §3.2): `bad_request`, `missing_host`,
+`multiple_host`.
 
 Chunked body framing (chunk sizes, chunk-ext, the CRLF after each chunk) is h11's, which is strict:
 invalid sizes, bare LF and garbage after a chunk are refused by it (`bad_body`).
@@ -32,6 +38,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+import httptools
 
 _TE_CHUNKED = re.compile(rb" *chunked *", re.IGNORECASE)
 _CONTENT_LENGTH = re.compile(rb" *[0-9]{1,18} *")
@@ -123,3 +131,56 @@ def _check_request_line(line: bytes) -> HeadViolation | None:
     if not (target.startswith(b"/") or (target == b"*" and method == b"OPTIONS")):
         return HeadViolation(400, "target_form", "the request target is not origin-form (/path)")
     return None
+
+
+@dataclass(slots=True)
+class ParsedRequestHead:
+    """A request head as llhttp parsed it: names lower-cased, values without surrounding whitespace."""
+
+    method: str
+    target: str
+    http10: bool  # HTTP/1.0 (else HTTP/1.1: check_request_head admits nothing else)
+    headers: list[tuple[str, str]]
+
+
+class _HeadCollector:
+    """httptools callbacks for one head."""
+
+    __slots__ = ("complete", "headers", "target")
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: list[tuple[str, str]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def parse_request_head(head: bytes) -> ParsedRequestHead | HeadViolation:
+    """Parse a head `check_request_head` admitted (request line to the empty line, nothing more)."""
+    collector = _HeadCollector()
+    parser = httptools.HttpRequestParser(collector)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass  # Upgrade with Connection: upgrade; the head is complete, the response decides the rest
+    except httptools.HttpParserError as e:
+        return HeadViolation(400, "bad_request", f"malformed request head: {e}")
+    if not collector.complete:
+        return HeadViolation(400, "bad_request", "the request head is incomplete")
+    http10 = parser.get_http_version() == "1.0"
+    hosts = sum(1 for name, _ in collector.headers if name == "host")
+    if hosts > 1:
+        return HeadViolation(400, "multiple_host", f"{hosts} Host headers")
+    if not hosts and not http10:
+        return HeadViolation(400, "missing_host", "an HTTP/1.1 request without Host")
+    return ParsedRequestHead(
+        parser.get_method().decode("ascii"), collector.target.decode("latin-1"), http10, collector.headers
+    )

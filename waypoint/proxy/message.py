@@ -1,6 +1,6 @@
 """The protocol-neutral request and response the two sides of the proxy exchange.
 
-The downstream sessions (HTTP/1.1 via h11, HTTP/2 via h2) turn what a client sent into a
+The downstream sessions (HTTP/1.1 via llhttp, HTTP/2 via h2) turn what a client sent into a
 `RequestHead` plus a body pipe; the upstream connections turn a `RequestHead` back into either
 protocol. Header names are lower-case, values are `str` decoded as latin-1 (a lossless view of the
 bytes), hop-by-hop headers are gone and the host is the separate `authority`.

@@ -147,7 +147,17 @@ SMUGGLING = [
     ("http-2-version", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505, "http_version"),
     ("connect", b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n", 405, "connect_method"),
     ("absolute-form", b"GET http://evil/admin HTTP/1.1\r\n" + H + b"\r\n", 400, "target_form"),
-    ("no-host", b"GET / HTTP/1.1\r\n\r\n", 400, "bad_request"),
+    ("no-host", b"GET / HTTP/1.1\r\n\r\n", 400, "missing_host"),
+    ("two-hosts", b"GET / HTTP/1.1\r\n" + H + b"Host: evil\r\n\r\n", 400, "multiple_host"),
+    ("unknown-method", b"FROB / HTTP/1.1\r\n" + H + b"\r\n", 400, "bad_request"),
+    ("space-in-target", b"GET /a b HTTP/1.1\r\n" + H + b"\r\n", 400, "bad_request"),
+    ("bad-header-name", b"GET / HTTP/1.1\r\n" + H + b"X(A): y\r\n\r\n", 400, "bad_request"),
+    (
+        "chunk-lf-after-data",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n",
+        400,
+        "bad_body",
+    ),
     (
         "many-headers",
         b"GET / HTTP/1.1\r\n" + H + b"".join(b"X%d: a\r\n" % i for i in range(5000)) + b"\r\n",

@@ -11,6 +11,7 @@ from tests.integration.waypoint_proxy.waypoint_harness import (
     WAIT,
     WEB,
     H1Client,
+    exchange_until_close,
     mesh,
     raw_exchange,
     status_of,
@@ -283,3 +284,68 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
             if line[:1] == b"{"
         ]
         assert paths == ["/p0", "/p1", "/p2", "/p3", "/p4", "/last"]
+
+
+async def test_a_request_pipelined_behind_a_chunked_body_is_served(tmp_path: Path) -> None:
+    # The chunked body's end is found by its decoder; what follows it is the next request's head.
+    async with mesh(tmp_path) as m:
+        backend = await m.add_backend("10.1.0.13", scripted=True)
+        m.serve(WEB, VIP, backend)
+        raw = await raw_exchange(
+            await m.tunnel(),
+            b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: t\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\n\r\nwxyz"
+            b"GET /last HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+            within=3,
+        )
+        assert raw.count(b"HTTP/1.1 200 ") == 3, raw
+        assert b"abc" in raw and b"de" in raw
+        assert b"wxyz" in raw
+        assert backend.scripted is not None
+        assert [h.target for h in backend.scripted.heads] == [b"/echo", b"/echo", b"/last"]
+        assert backend.scripted.body_bytes == 5 + 4
+    assert [r.request_bytes for r in m.observer.records] == [5, 4, 0]
+
+
+async def test_head_responses_carry_framing_headers_and_no_body(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        backend = await m.add_backend("10.1.0.14", scripted=True)
+        m.serve(WEB, VIP, backend)
+        raw = await raw_exchange(
+            await m.tunnel(),
+            b"HEAD /stream?n=3&size=10 HTTP/1.1\r\nHost: web\r\n\r\n"
+            b"GET /after-head HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+            within=3,
+        )
+        first, _, rest = raw.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in first.lower()
+        # No body follows the HEAD response: the next bytes are the second response's status line.
+        assert rest.startswith(b"HTTP/1.1 200 "), rest[:80]
+
+
+async def test_an_http10_client_gets_a_body_of_unknown_length_delimited_by_close(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        backend = await m.add_backend("10.1.0.15", scripted=True)
+        m.serve(WEB, VIP, backend)
+        raw, closed = await exchange_until_close(
+            await m.tunnel(), b"GET /stream?n=4&size=1000 HTTP/1.0\r\nHost: web\r\n\r\n"
+        )
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert closed and head.startswith(b"HTTP/1.1 200 ")
+        assert b"transfer-encoding" not in head.lower() and b"content-length" not in head.lower()
+        assert b"connection: close" in head.lower()
+        assert len(body) == 4000 and body[:3] == b"AAA"
+
+
+async def test_connection_close_from_the_client_is_honoured(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        backend = await m.add_backend("10.1.0.16")
+        m.serve(WEB, VIP, backend)
+        raw, closed = await exchange_until_close(
+            await m.tunnel(),
+            b"GET /one HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+            b"GET /never HTTP/1.1\r\nHost: web\r\n\r\n",
+        )
+        assert closed and raw.count(b"HTTP/1.1 ") == 1 and b"connection: close" in raw.lower()
+        assert [r.view.path for r in m.observer.records] == ["/one"]

@@ -1,14 +1,20 @@
-"""Raw HTTP/1.1 request-head checks (the smuggling defences h11 leaves to us), table-driven, plus a
-property test: any bytes either pass or give a violation, never an exception."""
+"""Raw HTTP/1.1 request-head checks (the smuggling defences a lenient parser leaves to us) and the
+llhttp parse behind them, table-driven, plus property tests: any bytes either pass or give a
+violation, never an exception, and whatever passes has one unambiguous body framing."""
 
 from __future__ import annotations
 
-import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from waypoint.proxy.h1head import check_request_head, find_head_end
+from waypoint.proxy.h1head import (
+    HeadViolation,
+    ParsedRequestHead,
+    check_request_head,
+    find_head_end,
+    parse_request_head,
+)
 
 OK = b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n"
 
@@ -129,17 +135,60 @@ def test_arbitrary_bytes_never_raise(data: bytes) -> None:
         max_size=6,
     )
 )
-def test_heads_that_pass_are_parsed_by_h11_with_the_same_framing(fields: list[tuple[bytes, bytes]]) -> None:
+def test_heads_that_pass_are_parsed_with_one_framing(fields: list[tuple[bytes, bytes]]) -> None:
     head = b"POST /p HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
     if check_request_head(head, max_headers=20) is not None:
         return
-    conn = h11.Connection(h11.SERVER)
-    conn.receive_data(head)
-    try:
-        event = conn.next_event()
-    except h11.RemoteProtocolError:
-        return  # h11 refuses what we let through (e.g. no Host): also a refusal
-    assert isinstance(event, h11.Request)
-    names = [n for n, _ in event.headers]
+    parsed = parse_request_head(head)
+    if isinstance(parsed, HeadViolation):
+        assert parsed.status == 400  # llhttp refuses what we let through (e.g. no Host): also a refusal
+        return
+    names = [n for n, _ in parsed.headers]
     # Whatever passed both has at most one framing header, so the body length is unambiguous.
-    assert names.count(b"transfer-encoding") + names.count(b"content-length") <= 1
+    assert names.count("transfer-encoding") + names.count("content-length") <= 1
+    assert names.count("host") == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_parsing_arbitrary_heads_never_raises(data: bytes) -> None:
+    head = b"GET /" + data + b"\r\nHost: w\r\n\r\n"
+    end = find_head_end(head)
+    assert end is not None
+    result = parse_request_head(head[:end])
+    assert isinstance(result, (ParsedRequestHead, HeadViolation))
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (
+            b"GET /a?b=1 HTTP/1.1\r\nHost: web\r\nX-Mixed-Case:  spaced value \t\r\n\r\n",
+            ParsedRequestHead("GET", "/a?b=1", False, [("host", "web"), ("x-mixed-case", "spaced value")]),
+        ),
+        (b"GET / HTTP/1.0\r\n\r\n", ParsedRequestHead("GET", "/", True, [])),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            ParsedRequestHead(
+                "GET", "/ws", False, [("host", "w"), ("connection", "Upgrade"), ("upgrade", "websocket")]
+            ),
+        ),
+        (b"OPTIONS * HTTP/1.1\r\nHost: w\r\n\r\n", ParsedRequestHead("OPTIONS", "*", False, [("host", "w")])),
+        (b"GET / HTTP/1.1\r\n\r\n", HeadViolation(400, "missing_host", "an HTTP/1.1 request without Host")),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            HeadViolation(400, "multiple_host", "2 Host headers"),
+        ),
+        (
+            b"FROB / HTTP/1.1\r\nHost: w\r\n\r\n",
+            HeadViolation(400, "bad_request", "malformed request head: Invalid method encountered"),
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: w\r\nX(A): y\r\n\r\n",
+            HeadViolation(400, "bad_request", "malformed request head: Invalid header token"),
+        ),
+    ],
+)
+def test_parse_request_head(head: bytes, expected: ParsedRequestHead | HeadViolation) -> None:
+    assert check_request_head(head, max_headers=20) is None
+    assert parse_request_head(head) == expected
