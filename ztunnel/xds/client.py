@@ -31,9 +31,11 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import prometheus_client
+from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -63,6 +65,19 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # pings every 5 s at most, so 30 s is well inside its policy.
 KEEPALIVE_SECONDS = 30.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
+
+
+def xds_stream(
+    channel: Channel, metadata: Sequence[tuple[str, str]] = ()
+) -> Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]:
+    """A DeltaAggregatedResources call on `channel` (opened by its first message)."""
+    return channel.request(
+        XDS_METHOD,
+        Cardinality.STREAM_STREAM,
+        discovery_pb2.DeltaDiscoveryRequest,
+        discovery_pb2.DeltaDiscoveryResponse,
+        metadata=metadata,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,13 +250,7 @@ class XdsClient:
             max_message_bytes=self._max_message_bytes,
         )
         try:
-            async with channel.request(
-                XDS_METHOD,
-                Cardinality.STREAM_STREAM,
-                discovery_pb2.DeltaDiscoveryRequest,
-                discovery_pb2.DeltaDiscoveryResponse,
-                metadata=metadata,
-            ) as call:
+            async with xds_stream(channel, metadata) as call:
                 for request in self.session.connect():
                     await call.send_message(request)
                 while True:

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from grpclib.const import Cardinality
 from ztunnel_cp_harness import FakeControlPlane
 
 from controller.ca.authority import CertificateAuthority
@@ -20,7 +19,7 @@ from loom.api import discovery_pb2
 from loom.identity import Identity
 from ztunnel.identity import CaClient, CaUnavailable
 from ztunnel.xds.channel import CALL_ERRORS, describe_call_error, secure_channel, split_address
-from ztunnel.xds.client import XDS_METHOD
+from ztunnel.xds.client import xds_stream
 
 CONTROLLER = Identity("cluster.local", "istio-system", "istiod")
 
@@ -59,12 +58,7 @@ async def open_xds_stream(port: int, root: str, keepalive: float | None) -> Base
         f"127.0.0.1:{port}", root, keepalive_seconds=keepalive, keepalive_timeout_seconds=0.3
     )
     try:
-        async with channel.request(
-            XDS_METHOD,
-            Cardinality.STREAM_STREAM,
-            discovery_pb2.DeltaDiscoveryRequest,
-            discovery_pb2.DeltaDiscoveryResponse,
-        ) as call:
+        async with xds_stream(channel) as call:
             await call.send_message(discovery_pb2.DeltaDiscoveryRequest(type_url="t"))
             await call.recv_message()
     except CALL_ERRORS as e:
