@@ -194,9 +194,9 @@ class CaClient:
             return self._channel
         if self._channel is not None:
             self._channel.close()
-        self._channel = secure_channel(
-            self._address, root.decode("ascii", "replace"), server_name=self._server_name
-        )
+            self._channel = None
+        # From the configured source (a file is named in errors); `root` is what was just read from it.
+        self._channel = secure_channel(self._address, self._root, server_name=self._server_name)
         self._channel_root = root
         return self._channel
 
@@ -204,6 +204,7 @@ class CaClient:
         try:
             root = read_root(self._root)
             metadata = call_metadata(self._token_source, self._cluster_id)
+            channel = self._channel_for(root)
         except CredentialError as e:
             raise CaUnavailable(str(e)) from e
         key = new_key()
@@ -212,7 +213,7 @@ class CaClient:
         )
         request.metadata.update({IMPERSONATED_IDENTITY: str(identity)})
         call = UnaryUnaryMethod(
-            self._channel_for(root),
+            channel,
             CA_METHOD,
             ca_pb2.IstioCertificateRequest,
             ca_pb2.IstioCertificateResponse,

@@ -104,7 +104,12 @@ class BoundedProtoCodec(ProtoCodec):
 
 def tls_context(root: RootCertificate) -> ssl.SSLContext:
     """TLS 1.2+ trusting only the mesh root, checking the server's name, offering ALPN h2 (gRPC)."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=read_root(root).decode("ascii"))
+    pem = read_root(root).decode("ascii", "replace")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=pem)
+    except ssl.SSLError as e:
+        origin = str(root) if isinstance(root, Path) else "the configured root certificate"
+        raise CredentialError(f"{origin} cannot be loaded: {e.reason or e}") from e
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["h2"])
     return context
@@ -162,8 +167,10 @@ def describe_call_error(error: BaseException) -> tuple[bool, str]:
         return error.status in CONNECTION_STATUSES, f"{error.status.name}: {error.message}"
     if isinstance(error, TimeoutError):
         return True, "DEADLINE_EXCEEDED: no answer in time"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return True, f"UNAVAILABLE: the controller's certificate was refused: {error.verify_message}"
     if isinstance(error, ssl.SSLError):
-        return True, f"UNAVAILABLE: TLS handshake with the controller failed: {error.reason or error}"
+        return True, f"UNAVAILABLE: TLS with the controller failed: {error.reason or error}"
     if isinstance(error, (OSError, StreamTerminatedError)):
         return True, f"UNAVAILABLE: {error}"
     return False, f"{type(error).__name__}: {error}"

@@ -94,7 +94,9 @@ async def test_the_controller_certificate_must_carry_the_expected_name(tmp_path:
         wrong = CaClient(fake.address, fake.root_pem, lambda: "token", server_name="istiod.istio-system.svc")
         try:
             assert (await right.fetch_certificate(alice)).identity == alice
-            with pytest.raises(CaUnavailable, match="TLS handshake with the controller failed"):
+            with pytest.raises(
+                CaUnavailable, match="the controller's certificate was refused: Hostname mismatch"
+            ):
                 await wrong.fetch_certificate(alice)
             assert len(fake.csr_requests) == 1  # the refused handshake never reached the CA
         finally:
@@ -120,3 +122,14 @@ def test_controller_addresses(address: str, expected: tuple[str, int]) -> None:
 def test_malformed_controller_addresses_are_named(address: str) -> None:
     with pytest.raises(ValueError, match=f"controller address '{address}' is not host:port"):
         split_address(address)
+
+
+async def test_a_root_that_cannot_be_loaded_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "root-cert.pem"
+    root.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    client = CaClient("127.0.0.1:1", root, lambda: "token")
+    try:
+        with pytest.raises(CaUnavailable, match=f"{root} cannot be loaded"):
+            await client.fetch_certificate(Identity("cluster.local", "default", "alice"))
+    finally:
+        await client.close()
