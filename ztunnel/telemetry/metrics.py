@@ -47,13 +47,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from importlib import metadata
 from types import TracebackType
 
 import h2.exceptions
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from loom import __version__
 from loom.api import workload_pb2
 from loom.hbone.errors import (
     AlpnMismatch,
@@ -271,13 +271,6 @@ class _CacheEntry:
 _CacheKey = tuple[Direction, str, str, str, Identity | None, Identity | None, bool]
 
 
-def _package_version() -> str:
-    try:
-        return metadata.version("loom-mesh")
-    except metadata.PackageNotFoundError:
-        return UNKNOWN
-
-
 class ProxyMetrics:
     """The node proxy's connection metrics and access log (see the module docstring)."""
 
@@ -332,7 +325,7 @@ class ProxyMetrics:
         self.build = Gauge(
             "istio_build", "Istio component build info", ["component", "tag"], registry=registry
         )
-        self.build.labels("ztunnel", tag if tag is not None else _package_version()).set(1)
+        self.build.labels("ztunnel", tag if tag is not None else __version__).set(1)
 
     def connection(
         self,
