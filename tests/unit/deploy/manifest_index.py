@@ -18,6 +18,7 @@ from unittest import mock
 
 import yaml
 
+import loom
 from cni.agent import main as agent_main
 
 REPO = Path(__file__).resolve().parents[3]
@@ -157,7 +158,11 @@ def console_scripts() -> set[str]:
 
 
 def project_version() -> str:
-    return str(pyproject()["project"]["version"])
+    """The package version: pyproject declares it dynamic, read from loom.__version__."""
+    project = pyproject()
+    assert "version" in project["project"].get("dynamic", ()), "pyproject should read the version"
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "loom.__version__"}
+    return loom.__version__
 
 
 class RecordingEnv(Mapping[str, str]):
