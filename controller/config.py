@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from controller.auth import parse_trusted_account
+from loom.identity import DEFAULT_TRUST_DOMAIN
 
 T = TypeVar("T")
 
@@ -32,8 +33,6 @@ DEFAULT_STATE_DIR = "/var/lib/loom/controller"
 DEFAULT_GRPC_ADDR = "0.0.0.0:15012"
 # Istio's istiod monitoring port (/metrics); /ready is served there too.
 DEFAULT_HTTP_ADDR = "0.0.0.0:15014"
-# Istio's default trust domain (SPIFFE IDs spiffe://cluster.local/ns/<ns>/sa/<sa>).
-DEFAULT_TRUST_DOMAIN = "cluster.local"
 # Istio's root namespace: mesh-wide policies live there, and the controller's own identity.
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 # Istio's default CLUSTER_ID; it is part of every workload resource name.

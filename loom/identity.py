@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 SPIFFE_SCHEME = "spiffe://"
+# Istio's default trust domain (SPIFFE IDs spiffe://cluster.local/ns/<ns>/sa/<sa>).
+DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 
 class IdentityError(ValueError):

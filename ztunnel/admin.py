@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry
 
 from loom.api import authorization_pb2, workload_pb2
 from loom.httpserver import APPLICATION_JSON, HttpServer, Request, Response
-from loom.resources.model import DEFAULT_TRUST_DOMAIN
+from loom.identity import DEFAULT_TRUST_DOMAIN
 from ztunnel.connections import ConnectionInfo, ConnectionRegistry, Direction
 from ztunnel.identity import CertificateStatus
 from ztunnel.readiness import Readiness

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+from loom.identity import DEFAULT_TRUST_DOMAIN as DEFAULT_TRUST_DOMAIN  # re-exported: a model constant
+
 # Labels and annotations loom acts on (Istio's names, so users bring their habits unchanged).
 LABEL_DATAPLANE_MODE = "istio.io/dataplane-mode"
 DATAPLANE_MODE_AMBIENT = "ambient"
@@ -30,7 +32,6 @@ ANNOTATION_FOR_SERVICE_ACCOUNT = "istio.io/for-service-account"
 ANNOTATION_REDIRECTION = "ambient.istio.io/redirection"
 ANNOTATION_DRY_RUN = "istio.io/dry-run"
 WAYPOINT_GATEWAY_CLASS = "istio-waypoint"
-DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 HBONE_PORT = 15008
 

@@ -16,8 +16,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from loom.api import workload_pb2
-from loom.identity import Identity
-from loom.resources.model import DEFAULT_TRUST_DOMAIN
+from loom.identity import DEFAULT_TRUST_DOMAIN, Identity
 
 Workload = workload_pb2.Workload
 Service = workload_pb2.Service
