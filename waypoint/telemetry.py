@@ -60,6 +60,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from loom.api import workload_pb2
+from loom.hbone.headers import format_address
 from loom.hbone.headers import parse_traceparent as parse_w3c_traceparent
 from loom.identity import Identity
 from waypoint.model import Endpoint, RequestView, ServiceRef
@@ -581,7 +582,7 @@ class AccessLogEntry:
         `request_id` overrides the x-request-id header (e.g. one `ensure_request_id` generated)."""
         target = service if service is not None else request.service
         path = request.path + (f"?{request.query}" if request.query else "")
-        local = f"{request.destination_ip}:{request.service.port}" if request.destination_ip else ""
+        local = format_address(request.destination_ip, request.service.port) if request.destination_ip else ""
         return cls(
             start_time=start_time,
             method=request.method,
@@ -600,7 +601,7 @@ class AccessLogEntry:
             user_agent=request.header("user-agent") or "",
             request_id=request_id if request_id is not None else (request.header("x-request-id") or ""),
             authority=request.authority,
-            upstream_host=f"{endpoint.ip}:{endpoint.port}" if endpoint is not None else "",
+            upstream_host=format_address(endpoint.ip, endpoint.port) if endpoint is not None else "",
             upstream_cluster=upstream_cluster_name(target),
             upstream_local_address=upstream_local_address,
             downstream_local_address=local,

@@ -43,6 +43,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from loom.api import workload_pb2
+from loom.hbone.headers import format_address
 from loom.identity import Identity
 from loom.policy.rbac import Connection, Decision
 from ztunnel.state import ProxyState, StateChange
@@ -72,11 +73,6 @@ class CloseReason(StrEnum):
     LATE_REJECTION = "AuthorizationPolicyLateRejection"  # a policy change no longer allows it
     DRAIN_TIMEOUT = "DrainTimeout"  # still open when the drain deadline passed
     WORKLOAD_REMOVED = "WorkloadRemoved"  # its pod's proxy was torn down
-
-
-def format_address(ip: IPAddress, port: int) -> str:
-    """ip:port, IPv6 in brackets."""
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

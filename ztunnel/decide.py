@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from loom.api import workload_pb2
+from loom.hbone.headers import format_address
 from loom.identity import Identity, IdentityError
 from loom.policy.rbac import Connection, Decision
 from ztunnel.state import (
@@ -67,7 +68,6 @@ from ztunnel.state import (
     WaypointBackends,
     WaypointUnavailable,
     Workload,
-    format_host_port,
     packed_ip,
     same_family_ip,
     service_key,
@@ -232,7 +232,7 @@ def _via_waypoint(
         OutboundKind.HBONE_WAYPOINT,
         original,
         next_hop=(ip, backends.port),
-        authority=format_host_port(*original),
+        authority=format_address(*original),
         expected_identities=_identities(workload_identity(pod), sans),
         destination_workload=destination_workload,
         destination_service=destination_service,
@@ -396,7 +396,7 @@ def _to_endpoint(
             OutboundKind.HBONE_DIRECT,
             original,
             next_hop=(ip, HBONE_PORT),
-            authority=format_host_port(ip, port),
+            authority=format_address(ip, port),
             expected_identities=_identities(workload_identity(workload), sans),
             destination_workload=workload,
             destination_service=service,
@@ -419,7 +419,7 @@ def outbound(
     if not 0 < port <= MAX_PORT:
         return _refuse(original, f"destination port {port} is not in 1..{MAX_PORT}")
     if port in ZTUNNEL_PORTS and (ip.is_loopback or ip.is_unspecified or _is_own_address(source, ip)):
-        return _refuse(original, f"self call: {format_host_port(ip, port)} is a ztunnel port")
+        return _refuse(original, f"self call: {format_address(ip, port)} is a ztunnel port")
     network = source.network
     service = state.service_by_vip(ip, network, prefer_namespace=source.namespace)
     if service is not None:

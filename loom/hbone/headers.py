@@ -35,17 +35,22 @@ _BAGGAGE_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
 WORKLOAD_TYPES = frozenset({"deployment", "cronjob", "pod", "job", "daemonset", "statefulset", "replicaset"})
 
 
-def format_address(ip: str, port: int) -> str:
-    """ip:port, with IPv6 addresses in brackets ([::1]:80)."""
-    address = ipaddress.ip_address(ip)
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def format_address(ip: str | IPAddress, port: int) -> str:
+    """ip:port, with IPv6 addresses in brackets ([::1]:80), as an HTTP authority and Envoy's logs write
+    them. A str is an IP literal as sockets and the parsed configuration give it (not re-parsed)."""
+    if isinstance(ip, str):
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def build_forwarded(client_ip: str, client_port: int, host: str | None = None) -> str:
     """`for="ip:port"` (RFC 7239: quoted, since it carries a port), plus `;host=` when a service is known."""
     if not 0 <= client_port <= 65535:
         raise ValueError(f"client port {client_port} is out of range 0..65535")
-    value = f'for="{format_address(client_ip, client_port)}"'
+    value = f'for="{format_address(ipaddress.ip_address(client_ip), client_port)}"'
     if host:
         if not _is_token(host):
             raise ValueError(f"forwarded host {host!r} must be a DNS name (RFC 7230 token characters)")

@@ -65,11 +65,6 @@ def ip_from_packed(raw: bytes) -> IPAddress:
     return ipaddress.ip_address(packed_ip(raw))
 
 
-def format_host_port(ip: IPAddress, port: int) -> str:
-    """ip:port as it appears in an HTTP authority (IPv6 in brackets)."""
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
 def workload_ips(workload: Workload) -> tuple[IPAddress, ...]:
     return tuple(ip_from_packed(raw) for raw in workload.addresses)
 

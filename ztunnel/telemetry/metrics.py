@@ -40,7 +40,6 @@ The cache is bounded (FIFO eviction), so workload churn cannot grow it without l
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
 import time
@@ -64,8 +63,9 @@ from loom.hbone.errors import (
     PeerCertificateError,
     TrustDomainMismatch,
 )
+from loom.hbone.headers import format_address
 from loom.identity import Identity
-from ztunnel.connections import CloseReason, Direction, IPAddress, format_address
+from ztunnel.connections import CloseReason, Direction, IPAddress
 from ztunnel.identity.caclient import CertificateError
 from ztunnel.telemetry.access_log import Bare, access_logger, duration_text, log_early_deny
 
@@ -188,7 +188,7 @@ def address_text(value: AddressLike) -> str:
     if isinstance(value, str):
         return value
     ip, port = value
-    return format_address(ipaddress.ip_address(ip) if isinstance(ip, str) else ip, port)
+    return format_address(ip, port)
 
 
 def _or_unknown(value: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 import pytest
@@ -12,6 +13,7 @@ from loom.hbone.headers import (
     MAX_BAGGAGE_MEMBERS,
     BaggageFields,
     Forwarded,
+    IPAddress,
     baggage_fields,
     build_baggage,
     build_forwarded,
@@ -129,3 +131,16 @@ def test_header_parsers_never_raise(value: str) -> None:
     assert len(members) <= MAX_BAGGAGE_MEMBERS
     baggage_fields(members)
     parse_traceparent(value)
+
+
+@pytest.mark.parametrize(
+    ("ip", "port", "expected"),
+    [
+        ("10.0.0.1", 80, "10.0.0.1:80"),
+        ("fd00::1", 15008, "[fd00::1]:15008"),
+        (ipaddress.ip_address("10.0.0.1"), 80, "10.0.0.1:80"),
+        (ipaddress.ip_address("fd00::1"), 15008, "[fd00::1]:15008"),
+    ],
+)
+def test_format_address_brackets_ipv6(ip: str | IPAddress, port: int, expected: str) -> None:
+    assert format_address(ip, port) == expected

@@ -4,6 +4,7 @@ values, one line per request whatever the headers hold, and a sink that never fa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import io
 import logging
@@ -12,6 +13,7 @@ import shlex
 
 import pytest
 
+from waypoint.model import Peer
 from waypoint.telemetry import (
     AccessLog,
     AccessLogEntry,
@@ -20,7 +22,7 @@ from waypoint.telemetry import (
     upstream_cluster_name,
 )
 
-from .builders import endpoint, request, service_ref
+from .builders import CLIENT, endpoint, request, service_ref
 
 T0 = dt.datetime(2020, 11, 25, 21, 26, 18, 409000, tzinfo=dt.UTC).timestamp()
 
@@ -261,3 +263,21 @@ def test_start_time_is_right_across_seconds() -> None:
     assert format_start_time(base) == "2026-11-21T09:59:59.999Z"
     assert format_start_time(base + 0.002) == "2026-11-21T10:00:00.001Z"
     assert format_start_time(base) == "2026-11-21T09:59:59.999Z"  # out of order: still right
+
+
+def test_ipv6_addresses_are_bracketed_as_envoy_prints_them() -> None:
+    view = dataclasses.replace(
+        request(), destination_ip="fd00:10:96::14", source=Peer(CLIENT, "[fd00::7]:41234")
+    )
+    six = dataclasses.replace(endpoint(), ip="fd00:10:244::9")
+    fields = shlex.split(format_access_log(AccessLogEntry.for_request(view, T0, 200, endpoint=six)))
+    # authority, upstream host, cluster, upstream local, downstream local, downstream remote, SNI
+    assert fields[-8:-1] == [
+        "reviews.bookinfo:9080",
+        "[fd00:10:244::9]:9080",
+        "inbound-vip|9080|http|reviews.bookinfo.svc.cluster.local",
+        "-",
+        "[fd00:10:96::14]:9080",
+        "[fd00::7]:41234",
+        "-",
+    ]
