@@ -51,7 +51,6 @@ import random
 import re
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Self, TextIO
@@ -772,10 +771,22 @@ _REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}\Z")
 SAMPLED = 0x01
 
 
+# The bits uuid.UUID(version=4) fixes: version 4 (bits 76-79) and the RFC 4122 variant (bits 62-63).
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def uuid4_text(bits: int) -> str:
+    """str(uuid.UUID(int=bits, version=4)) for a 128-bit `bits`, without building the UUID object
+    (a request id per request: the object and its methods were 1.5 % of the waypoint's CPU)."""
+    digits = f"{(bits & _UUID4_CLEAR) | _UUID4_SET:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
 def _new_request_id() -> str:
     # Request and trace ids identify, they protect nothing: the random module's generator (seeded
     # from the OS, reseeded after fork) instead of a getrandom() system call per id.
-    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+    return uuid4_text(random.getrandbits(128))
 
 
 def ensure_request_id(

@@ -17,6 +17,7 @@ from waypoint.telemetry import (
     ensure_request_id,
     parse_traceparent,
     propagate_trace,
+    uuid4_text,
 )
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -185,3 +186,8 @@ def test_any_input_yields_one_well_formed_traceparent(value: str) -> None:
     if parsed is not None:
         assert result.split("-")[1] == parsed.trace_id
         assert result.split("-")[2] != parsed.parent_id  # equal with probability 2^-64
+
+
+@given(st.integers(min_value=0, max_value=(1 << 128) - 1))
+def test_request_ids_are_the_uuid4_the_uuid_module_makes_of_the_same_bits(bits: int) -> None:
+    assert uuid4_text(bits) == str(uuid.UUID(int=bits, version=4))
