@@ -169,6 +169,7 @@ class ScriptedServer:
         self.requests = 0
         self.heads: list[h11.Request] = []
         self.body_bytes = 0
+        self.protocol_errors: list[str] = []  # what h11 refused in what the waypoint sent
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -197,6 +198,8 @@ class ScriptedServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve(reader, writer)
+        except h11.RemoteProtocolError as e:
+            self.protocol_errors.append(str(e))
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
             pass
         finally:
