@@ -1,5 +1,5 @@
 """The node proxy's xDS client: `XdsSession` (sans-IO delta state and per-resource NACKs) and
-`XdsClient` (the grpc.aio stream with reconnect backoff), plus the TLS channel helpers shared with the
+`XdsClient` (the grpclib stream with reconnect backoff), plus the TLS channel helpers shared with the
 certificate client."""
 
 from ztunnel.xds.channel import CredentialError, RootCertificate, TokenSource, secure_channel, token_from_file
