@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,7 +50,6 @@ from loom.identity import Identity
 from loom.testing import manifests
 from loom.testing.inpod_agent import AgentPod, InpodTestAgent, enrol
 from loom.testing.netns import NetnsLab, Pod, cleanup_prefix
-from loom.testing.waiting import eventually
 from tests.namespaced.ztunnel_harness import (
     AMBIENT,
     APP_PORT,
@@ -59,8 +57,8 @@ from tests.namespaced.ztunnel_harness import (
     OUTSIDE_NAMESPACE,
     TRUST_DOMAIN,
     PodSpec,
-    controller_config,
     pod_manifest,
+    start_lab_controller,
 )
 from ztunnel.inpod import WorkloadInfo
 
@@ -348,30 +346,6 @@ async def wait_for(check: Callable[[], Any], what: str, within: float = WAIT) ->
         await asyncio.sleep(0.05)
 
 
-async def start_controller(
-    stack: contextlib.AsyncExitStack,
-    workdir: Path,
-    config_dir: Path,
-    objects: Sequence[Mapping[str, Any]],
-    nodes: Sequence[str],
-) -> ControllerApp:
-    """The configuration written, an in-process controller ready (stopped by `stack`), its root at
-    workdir/root-cert.pem and a node credential at workdir/token-<node> for every node."""
-    (config_dir / "mesh.yaml").write_text(yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False))
-    controller = ControllerApp(controller_config(workdir / "state", config_dir))
-    try:
-        await controller.start()
-    finally:
-        stack.push_async_callback(controller.stop)
-    await eventually(lambda: controller.ready, within=WAIT, what="controller ready")
-    (workdir / "root-cert.pem").write_text(controller.root_cert_pem)
-    for name in nodes:
-        token = workdir / f"token-{name}"
-        token.write_text(controller.issue_node_token(name))
-        token.chmod(0o600)
-    return controller
-
-
 async def start_app(pod: Pod, workdir: Path) -> Child:
     child = await Child.start(
         f"app-{pod.name}",
@@ -489,7 +463,7 @@ async def bench_lab(prefix: str, log_level: str = "info") -> AsyncIterator[Bench
                 manifests.namespace(OUTSIDE_NAMESPACE),
                 *(pod_manifest(spec, pods[spec.name]) for spec in PODS),
             ]
-            controller = await start_controller(stack, workdir, config_dir, objects, NODES)
+            controller = await start_lab_controller(stack, workdir, config_dir, objects, NODES)
 
             apps: dict[str, Child] = {}
             for pod_name in ("server", "pserver"):

@@ -53,7 +53,7 @@ from typing import Any, Final
 
 import yaml
 
-from bench.netlab import WAIT, Child, in_pod, python_module, start_controller, start_ztunnel, wait_for
+from bench.netlab import WAIT, Child, in_pod, python_module, start_ztunnel, wait_for
 from controller.app import ControllerApp
 from controller.translate.waypoints import LABEL_GATEWAY_NAME
 from controller.waypoints.desired import (
@@ -80,6 +80,7 @@ from tests.namespaced.ztunnel_harness import (
     OUTSIDE_NAMESPACE,
     PodSpec,
     pod_manifest,
+    start_lab_controller,
 )
 from ztunnel.inpod import WorkloadInfo
 
@@ -450,7 +451,7 @@ async def waypoint_lab(
                 server_service("server", VIP_WAYPOINT, waypoint=True),
                 server_service("server-direct", VIP_DIRECT, waypoint=False),
             ]
-            controller = await start_controller(stack, workdir, config_dir, objects, NODES)
+            controller = await start_lab_controller(stack, workdir, config_dir, objects, NODES)
 
             app = await start_app(pods["server"], workdir, size)
             stack.push_async_callback(app.stop)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
@@ -43,6 +42,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from loom.api import workload_pb2
+from loom.hbone.headers import IPAddress as IPAddress  # re-exported to ztunnel
 from loom.hbone.headers import format_address
 from loom.identity import Identity
 from loom.policy.rbac import Connection, Decision
@@ -50,7 +50,6 @@ from ztunnel.state import ProxyState, StateChange
 
 logger = logging.getLogger("ztunnel.proxy.connections")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # How long a closer may take before the registry stops waiting for it (it keeps running).
 DEFAULT_CLOSE_WAIT = 5.0
 

@@ -26,7 +26,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +243,30 @@ def _service_manifest(spec: ServiceSpec) -> dict[str, Any]:
     return manifest
 
 
+async def start_lab_controller(
+    stack: contextlib.AsyncExitStack,
+    workdir: Path,
+    config_dir: Path,
+    objects: Sequence[Mapping[str, Any]],
+    nodes: Sequence[str],
+) -> ControllerApp:
+    """The configuration written, an in-process controller ready (stopped by `stack`), its root at
+    workdir/root-cert.pem and a node credential at workdir/token-<node> for every node."""
+    (config_dir / "mesh.yaml").write_text(yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False))
+    controller = ControllerApp(controller_config(workdir / "state", config_dir))
+    try:
+        await controller.start()
+    finally:
+        stack.push_async_callback(controller.stop)
+    await eventually(lambda: controller.ready, within=WAIT, what="controller ready")
+    (workdir / "root-cert.pem").write_text(controller.root_cert_pem)
+    for name in nodes:
+        token = workdir / f"token-{name}"
+        token.write_text(controller.issue_node_token(name))
+        token.chmod(0o600)
+    return controller
+
+
 @asynccontextmanager
 async def mesh_lab(lab: NetnsLab, layout: Layout) -> AsyncIterator[MeshLab]:
     """Everything of the module docstring up and ready; torn down in reverse on exit, also on failure."""
@@ -258,23 +282,12 @@ async def mesh_lab(lab: NetnsLab, layout: Layout) -> AsyncIterator[MeshLab]:
     ]
     objects += [pod_manifest(spec, pods[spec.name]) for spec in layout.pods]
     objects += [_service_manifest(s) for s in layout.services]
-    (config_dir / "mesh.yaml").write_text(yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False))
 
     servers: dict[str, PodServer] = {}
     mesh_nodes: dict[str, MeshNode] = {}
-    controller = ControllerApp(controller_config(workdir / "state", config_dir))
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
-        try:
-            await controller.start()
-        finally:
-            stack.push_async_callback(controller.stop)
-        await eventually(lambda: controller.ready, within=WAIT, what="controller ready")
-        (workdir / "root-cert.pem").write_text(controller.root_cert_pem)
-        for name in layout.nodes:
-            token = workdir / f"token-{name}"
-            token.write_text(controller.issue_node_token(name))
-            token.chmod(0o600)
+        controller = await start_lab_controller(stack, workdir, config_dir, objects, layout.nodes)
         for spec in layout.pods:
             server = PodServer(pods[spec.name])
             await server.start()

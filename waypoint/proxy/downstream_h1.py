@@ -85,8 +85,10 @@ def refusal_bytes(status: int, text: str) -> bytes:
     )
 
 
-def request_head_from_parsed(parsed: ParsedRequestHead) -> RequestHead:
-    """The protocol-neutral head of a request llhttp parsed (and h1head checked)."""
+def request_head_from_parsed(parsed: ParsedRequestHead) -> tuple[RequestHead, bool]:
+    """The protocol-neutral head of a request llhttp parsed (and h1head checked), and whether the
+    client lets the connection carry another request after it (h11's rule: HTTP/1.1 without
+    `Connection: close`; HTTP/1.0 connections are never kept)."""
     pairs = parsed.headers
     named = connection_tokens(pairs)
     authority = ""
@@ -117,7 +119,7 @@ def request_head_from_parsed(parsed: ParsedRequestHead) -> RequestHead:
     # Only WebSocket upgrades are passed through (h2c and others are dropped: the request is forwarded
     # as a plain one).
     upgrade = "websocket" if upgrade_value == "websocket" and "upgrade" in named else None
-    return RequestHead(
+    head = RequestHead(
         method=parsed.method,
         authority=authority,
         target=parsed.target,
@@ -129,12 +131,7 @@ def request_head_from_parsed(parsed: ParsedRequestHead) -> RequestHead:
         expect_continue=expect_continue,
         te_trailers=te_trailers,
     )
-
-
-def keeps_alive(parsed: ParsedRequestHead) -> bool:
-    """Whether the client lets the connection carry another request after this one (h11's rule:
-    HTTP/1.1 without `Connection: close`; HTTP/1.0 connections are never kept)."""
-    return not parsed.http10 and "close" not in connection_tokens(parsed.headers)
+    return head, not parsed.http10 and "close" not in named
 
 
 def response_head_bytes(status: int, headers: list[tuple[str, str]]) -> bytes:
@@ -262,6 +259,7 @@ class Http1Session:
         self._continue_asked = asyncio.Event()
         self._waiting_for_continue = False  # the client sent Expect: 100-continue and no body yet
         self._body_read = True  # the current request's body was read to its end
+        self._client_keeps_alive = False  # the current request allows another after it
         self.requests = 0
         self.draining = False
         self._idle = False  # waiting for the first byte of the next request
@@ -440,7 +438,7 @@ class Http1Session:
         """One request; True when the connection may carry another."""
         self.requests += 1
         self._continue_asked.clear()
-        head = request_head_from_parsed(parsed)
+        head, self._client_keeps_alive = request_head_from_parsed(parsed)
         if not head.authority:
             # HTTP/1.0 needs no Host: the client addressed this Service, so that is the authority.
             head.authority = self.ctx.destination.service.hostname
@@ -491,7 +489,7 @@ class Http1Session:
         self._body_sent = 0
         self._waiting_for_continue = False  # a response ends the wait (RFC 9110 §10.1.1)
         error: str | None = "the response was not sent"
-        keep = keeps_alive(parsed) and not self.draining
+        keep = self._client_keeps_alive and not self.draining
         try:
             if response.upgraded is not None:
                 return await self._switch(response, response.upgraded)

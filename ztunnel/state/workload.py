@@ -16,11 +16,11 @@ import ipaddress
 from collections.abc import Iterable
 
 from loom.api import workload_pb2
+from loom.hbone.headers import IPAddress as IPAddress  # re-exported to ztunnel
 from loom.identity import DEFAULT_TRUST_DOMAIN, Identity
 
 Workload = workload_pb2.Workload
 Service = workload_pb2.Service
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_PORT = 65535
 # Kubernetes' default service account: the workload API elides it (Workload.service_account == "").

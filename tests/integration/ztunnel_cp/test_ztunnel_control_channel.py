@@ -11,6 +11,8 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
 import pytest
 from ztunnel_cp_harness import FakeControlPlane
 
@@ -25,9 +27,13 @@ CONTROLLER = Identity("cluster.local", "istio-system", "istiod")
 
 
 @contextlib.asynccontextmanager
-async def silent_controller(authority: CertificateAuthority, directory: Path) -> AsyncIterator[int]:
+async def silent_controller(
+    authority: CertificateAuthority, directory: Path, answer_pings_for: float = 0.0
+) -> AsyncIterator[int]:
     """A TLS server that completes the handshake (ALPN h2) and then never sends a byte: a controller
-    whose process hangs, or a path that drops everything after the handshake."""
+    whose process hangs, or a path that drops everything after the handshake. With
+    `answer_pings_for`, it first speaks HTTP/2 for that many seconds (settings, PING acknowledgements;
+    never a response), then goes silent the same way."""
     serving = authority.issue_serving_certificate(CONTROLLER, ips=["127.0.0.1"], ttl=dt.timedelta(hours=1))
     chain, key = directory / "chain.pem", directory / "key.pem"
     chain.write_text("".join(serving.chain_pem))
@@ -39,8 +45,15 @@ async def silent_controller(authority: CertificateAuthority, directory: Path) ->
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
-        while await reader.read(65536):
-            pass
+        h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        silent_at = asyncio.get_running_loop().time() + answer_pings_for
+        if answer_pings_for:
+            h2conn.initiate_connection()
+            writer.write(h2conn.data_to_send())
+        while data := await reader.read(65536):
+            if asyncio.get_running_loop().time() < silent_at:
+                h2conn.receive_data(data)  # h2 acknowledges PINGs itself
+                writer.write(h2conn.data_to_send())
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0, ssl=context)
     try:
@@ -83,6 +96,21 @@ async def test_a_controller_that_stops_answering_is_found_by_keepalive(tmp_path:
         without.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await without
+
+
+async def test_keepalive_pings_continue_while_no_data_moves(tmp_path: Path) -> None:
+    # The stream stays up while the controller answers pings (many more than two, with no data
+    # moving), and the silence after that is found: pings never stop on an idle stream.
+    authority = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    async with silent_controller(authority, tmp_path, answer_pings_for=1.5) as port:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        error = await asyncio.wait_for(
+            open_xds_stream(port, authority.trust_bundle_pem, keepalive=0.2), timeout=10
+        )
+        assert loop.time() - started >= 1.5
+        unreachable, text = describe_call_error(error)
+        assert unreachable, text
 
 
 async def test_the_controller_certificate_must_carry_the_expected_name(tmp_path: Path) -> None:

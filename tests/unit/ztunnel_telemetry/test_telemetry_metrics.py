@@ -4,6 +4,7 @@ one record on normal exit, on an exception and on cancellation."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import ssl
 
 import h2.exceptions
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from telemetry_builders import collect, fixed_time, service, state_with, workload
 
+import loom
 from loom.hbone.errors import HboneConnectTimeout, HboneRejected, IdentityMismatch, TrustDomainMismatch
 from loom.identity import Identity
 from ztunnel.connections import CloseReason, Direction
@@ -427,4 +429,4 @@ def test_default_tag_is_the_package_version(registry: CollectorRegistry) -> None
     ProxyMetrics(registry)
     samples = next(s for s in registry.collect() if s.name == "istio_build").samples
     assert samples[0].labels["component"] == "ztunnel"
-    assert samples[0].labels["tag"]
+    assert samples[0].labels["tag"] == loom.__version__ == importlib.metadata.version("loom-mesh")
