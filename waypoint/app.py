@@ -22,6 +22,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import socket
@@ -30,6 +31,7 @@ from typing import Final, cast
 
 from prometheus_client import CollectorRegistry
 
+from loom.hbone.headers import format_address
 from loom.hbone.stats import HboneStats
 from loom.identity import Identity, WorkloadCertificate
 from waypoint.authz import WaypointAuthorizer
@@ -66,6 +68,44 @@ def normalize(target: str) -> tuple[str, str]:
     if isinstance(result, PathError):
         raise ValueError(result.reason)
     return result.path, result.query
+
+
+# The unspecified IPv4 address means every address: IPv6 gets a listener of its own (IPv6 only, so no
+# client address is ever IPv4-mapped), where the kernel has IPv6.
+_EVERY_IPV4 = "0.0.0.0"
+_EVERY_IPV6 = "::"
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+_BACKLOG = 1024
+
+
+def hbone_listeners(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for HBONE on host:port; for 0.0.0.0 also on [::] (see above)."""
+    listeners = [_listener(host, port)]
+    if host == _EVERY_IPV4:
+        try:
+            listeners.append(_listener(_EVERY_IPV6, port))
+        except OSError as e:
+            if e.errno not in _NO_IPV6:
+                listeners[0].close()
+                raise
+            log.info("no IPv6 here (%s); HBONE on IPv4 only", e.strerror)
+    return listeners
+
+
+def _listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # Telemetry labels kept per (side, address, identity); past this many the cache starts over.
@@ -114,7 +154,7 @@ class WaypointApp:
         )
         self.metrics_server = MetricsServer(self.registry, *config.metrics_addr)
         self.readiness_server = ReadinessServer(self.readiness, *config.readiness_addr)
-        self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._unwatch = self.xds.config.watch(self._on_config)
         # Routes name backend Services that may arrive (or change ports) after the route itself.
@@ -128,14 +168,15 @@ class WaypointApp:
         self.xds.start()
         self._tasks.append(asyncio.create_task(self._first_certificate(), name="waypoint-first-cert"))
         host, port = self.config.listen_addr
-        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(1024)
-        listener.setblocking(False)
-        self._listener = listener
-        self.proxy.start(listener)
-        log.info("waypoint %s/%s serving HBONE on %s:%d as %s", *self._waypoint, host, port, self.identity)
+        self._listeners = hbone_listeners(host, port)
+        for listener in self._listeners:
+            self.proxy.start(listener)
+        log.info(
+            "waypoint %s/%s serving HBONE on %s as %s",
+            *self._waypoint,
+            ", ".join(format_address(*sock.getsockname()[:2]) for sock in self._listeners),
+            self.identity,
+        )
 
     async def stop(self) -> None:
         grace = self.config.termination_deadline.total_seconds()

@@ -15,6 +15,10 @@ from the CA with the credential in `WORKLOAD_TOKEN_FILE` (its own service-accoun
 a lab waypoint that borrows the node's credential, `NODE_TOKEN_FILE`; the token is a path, re-read on
 every use, never a value.
 
+Listening: `LISTEN_ADDR` is where HBONE arrives; its default 0.0.0.0:15008 means every address of both
+families (an IPv6-only socket on [::]:15008 beside the IPv4 one, where the kernel has IPv6), so a
+dual-stack cluster's ztunnels reach the waypoint over either. Any other address is listened on as given.
+
 Limits: the most useful `ProxyLimits` fields are variables (`WAYPOINT_*`); the rest keep their
 documented defaults.
 """

@@ -23,6 +23,13 @@ packets are then left alone and the old connection carries on directly, while ev
 afterwards is tracked from its SYN and captured. The setting stays after release (it only concerns
 connections conntrack did not see begin, which nothing in the pod relies on being picked up).
 
+Both address families. A pod whose namespace has IPv6 (the kernel's default, also in clusters that hand
+out IPv4 addresses only) gets the IPv6 rules too (`ip6tables-restore`, policy rule and route of
+`ip -6`), as Istio's CNI does with IPv6 enabled: IPv6 traffic that is not captured would leave the pod
+past ztunnel, with neither mTLS nor policy, so the choice fails closed. The families are read in the
+pod's namespace at each step (`net.ipv6.conf.all.disable_ipv6`, absent without IPv6 in the kernel);
+`IptablesBackend(families=...)` fixes them instead.
+
 Every operation is idempotent: apply replaces our chains wholesale and adds the jump/rule/route only
 where missing; remove is a no-op where nothing is installed. Operations on one namespace are serialised
 (the save and the restore are two steps), different namespaces proceed independently.
@@ -49,6 +56,8 @@ T = TypeVar("T")
 COMMAND_TIMEOUT: Final = 10.0
 # Opened from the switcher thread, so it is the pod namespace's own copy of the sysctl.
 TCP_LOOSE_SYSCTL: Final = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+# Likewise per namespace: absent when the kernel has no IPv6, "1" when IPv6 is off in the namespace.
+IPV6_DISABLED_SYSCTL: Final = "/proc/sys/net/ipv6/conf/all/disable_ipv6"
 
 
 class RedirectionError(RuntimeError):
@@ -104,6 +113,15 @@ def _keep_untracked_connections(netns_path: str) -> None:
         raise RedirectionError(
             f"cannot set {TCP_LOOSE_SYSCTL} in {netns_path}: {exc.strerror or exc}"
         ) from None
+
+
+def ipv6_enabled_here() -> bool:
+    """Whether the current thread's network namespace has IPv6 (so pod traffic can use it)."""
+    try:
+        with open(IPV6_DISABLED_SYSCTL) as handle:
+            return handle.read().strip() == "0"
+    except FileNotFoundError:
+        return False
 
 
 def _ip_json(netns_path: str, *args: str) -> list[dict[str, Any]]:
@@ -179,19 +197,26 @@ class IptablesBackend:
     def __init__(
         self,
         rules: InpodRules | None = None,
-        families: Sequence[IpFamily] = (IpFamily.V4,),
+        families: Sequence[IpFamily] | None = None,
         switcher: NetnsSwitcher | None = None,
         *,
         runner: NetnsRunner | None = None,
     ) -> None:
         self.rules = rules if rules is not None else InpodRules()
-        self.families = tuple(families)
+        # None: whatever each pod's namespace has (see the module docstring).
+        self.families = tuple(families) if families is not None else None
         self._own_runner = runner is None
         self.runner = runner if runner is not None else NetnsRunner(switcher)
 
     def close(self) -> None:
         if self._own_runner:
             self.runner.close()
+
+    def _families_here(self) -> tuple[IpFamily, ...]:
+        """The families to capture in the namespace the calling (switcher) thread is in."""
+        if self.families is not None:
+            return self.families
+        return (IpFamily.V4, IpFamily.V6) if ipv6_enabled_here() else (IpFamily.V4,)
 
     async def _inside(
         self, netns_path: str, what: str, fn: Callable[[], T], *, missing_ok: bool = False
@@ -201,7 +226,7 @@ class IptablesBackend:
     async def apply(self, netns_path: str) -> None:
         def work() -> None:
             _keep_untracked_connections(netns_path)
-            for family in self.families:
+            for family in self._families_here():
                 current = run_tool([family.save_command], netns_path)
                 restore = self.rules.iptables_restore(family, current)
                 if restore:
@@ -215,7 +240,7 @@ class IptablesBackend:
 
     async def remove(self, netns_path: str) -> None:
         def work() -> None:
-            for family in self.families:
+            for family in self._families_here():
                 restore = self.rules.removal_restore(family, run_tool([family.save_command], netns_path))
                 if restore:
                     run_tool([family.restore_command, "--noflush"], netns_path, input=restore)
@@ -238,7 +263,7 @@ class IptablesBackend:
     async def verify(self, netns_path: str) -> tuple[str, ...]:
         def work() -> tuple[str, ...]:
             problems: list[str] = []
-            for family in self.families:
+            for family in self._families_here():
                 problems.extend(self.rules.verify(family, run_tool([family.save_command], netns_path)))
                 policy_rule = self.rules.policy_rule(family)
                 if not policy_rule.found_in(_ip_json(netns_path, family.ip_flag, "rule", "show")):

@@ -73,7 +73,7 @@ from loom.hbone.errors import (
     PeerCertificateError,
     TrustDomainMismatch,
 )
-from loom.hbone.headers import BAGGAGE, FORWARDED, TRACEPARENT
+from loom.hbone.headers import BAGGAGE, FORWARDED, TRACEPARENT, format_address
 from loom.hbone.limits import ServerLimits
 from loom.hbone.protocol import BadRequest, ConnectTarget, GoAway, ResetTracker, parse_connect_request
 from loom.hbone.stats import HboneStats
@@ -810,8 +810,9 @@ class HboneServer:
 
 
 def _peer(addr: object) -> str:
+    """The peer's ip:port for logs ([ip]:port for IPv6, whose accept gives a 4-tuple)."""
     if isinstance(addr, tuple) and len(addr) >= 2:
-        return f"{addr[0]}:{addr[1]}"
+        return format_address(str(addr[0]), int(addr[1]))
     return str(addr)
 
 

@@ -40,8 +40,10 @@ def pod(
     service_account: str = "default",
     node: str = "node-1",
     ip: str = "10.244.0.10",
+    secondary_ips: Sequence[str] = (),
     port: int = 8080,
 ) -> dict[str, Any]:
+    """A running, ready Pod; `secondary_ips` follow `ip` in status.podIPs (dual stack)."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -54,7 +56,7 @@ def pod(
         "status": {
             "phase": "Running",
             "podIP": ip,
-            "podIPs": [{"ip": ip}],
+            "podIPs": [{"ip": address} for address in (ip, *secondary_ips)],
             "conditions": [{"type": "Ready", "status": "True"}],
         },
     }
@@ -67,7 +69,9 @@ def service(
     selector: Mapping[str, str] | None = None,
     port: int = 80,
     cluster_ip: str = "10.96.0.10",
+    secondary_cluster_ips: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """A ClusterIP Service; `secondary_cluster_ips` follow `cluster_ip` in spec.clusterIPs."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -76,7 +80,7 @@ def service(
             "selector": dict(selector if selector is not None else {"app": name}),
             "ports": [{"name": "http", "port": port, "targetPort": 8080, "protocol": "TCP"}],
             "clusterIP": cluster_ip,
-            "clusterIPs": [cluster_ip],
+            "clusterIPs": [cluster_ip, *secondary_cluster_ips],
             "type": "ClusterIP",
         },
     }

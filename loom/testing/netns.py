@@ -16,10 +16,17 @@ Node i's pod range is 10.80.<i>.0/24 (the node network and pod supernet can be c
 gateway address sits on every pod veth of a node, so each pod resolves its gateway on its own link,
 and the node routes between its pods, and to other nodes over the bridge, with plain forwarding.
 
-Sysctls: only ip_forward=1 in node namespaces. The in-pod rules need neither route_localnet (nothing is
-redirected to 127.0.0.1 from PREROUTING; REDIRECT targets the interface address) nor a relaxed rp_filter
-(every path passes strict reverse-path checks: pod traffic returns the way it came, and the replies of
-ztunnel's spoofed-source connections are delivered over loopback, where no reverse-path check applies).
+Dual stack (`NetnsLab(ipv6=True)`): every node and pod also gets an IPv6 address, laid out the same
+way: node i is fd10:79::<i>/64 on the wire and routes fd10:80:0:<i>::/64 to its pods; a pod is
+fd10:80:0:<i>::<k>/128 (k as in its IPv4 address) with its default route via fe80::1, the link-local
+gateway on every pod veth of its node. Duplicate address detection is off in every lab namespace, so
+addresses are usable at once (nothing else shares these links).
+
+Sysctls: only ip_forward=1 (and, dual stack, IPv6 forwarding) in node namespaces. The in-pod rules
+need neither route_localnet (nothing is redirected to 127.0.0.1 from PREROUTING; REDIRECT targets the
+interface address) nor a relaxed rp_filter (every path passes strict reverse-path checks: pod traffic
+returns the way it came, and the replies of ztunnel's spoofed-source connections are delivered over
+loopback, where no reverse-path check applies).
 
 Tooling choices: links, addresses and routes are configured with iproute2's `ip -n <netns>`, which
 refuses to act on a namespace that does not exist. (pyroute2's `IPRoute(netns=...)` silently *creates* a
@@ -49,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cni.rules import InpodRules, IpFamily
+from loom.hbone.headers import IPAddress
 from loom.lab.network import (
     COMMAND_TIMEOUT,
     DEFAULT_NODE_NETWORK,
@@ -80,6 +88,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+DEFAULT_NODE_NETWORK_V6 = "fd10:79::/64"
+DEFAULT_POD_SUPERNET_V6 = "fd10:80::/48"
+POD_GATEWAY_V6 = "fe80::1"  # link-local, on every pod veth of a node (as Calico's fe80::ecee:eeff:...)
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{2,15}$")
@@ -170,13 +182,16 @@ class Netns(NamedNetns):
         return self.run(make)
 
     def listen(self, host: str, port: int, *, backlog: int = 64) -> socket.socket:
-        """A non-blocking TCP listener inside this namespace."""
+        """A non-blocking TCP listener inside this namespace (an IPv6 one takes IPv6 only, so "::" and
+        "0.0.0.0" can listen on the same port side by side)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         def make() -> socket.socket:
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((host, port))
                 sock.listen(backlog)
                 sock.setblocking(False)
@@ -218,6 +233,8 @@ class Node:
     pod_cidr: ipaddress.IPv4Network
     gateway: ipaddress.IPv4Address  # on every pod veth of this node; the pods' default gateway
     wire_ip: ipaddress.IPv4Address  # this node's address on the bridge between nodes
+    pod_cidr6: ipaddress.IPv6Network | None = None  # dual stack only
+    wire_ip6: ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,10 +244,22 @@ class Pod:
     node: Node
     ip: ipaddress.IPv4Address
     host_veth: str  # the node-side end of the pod's veth pair
+    ip6: ipaddress.IPv6Address | None = None  # dual stack only
 
     @property
     def address(self) -> str:
         return str(self.ip)
+
+    @property
+    def address6(self) -> str:
+        if self.ip6 is None:
+            raise ValueError(f"pod {self.name} has no IPv6 address (the lab is not dual stack)")
+        return str(self.ip6)
+
+    @property
+    def ips(self) -> tuple[IPAddress, ...]:
+        """Every address of the pod, IPv4 first (as status.podIPs lists them)."""
+        return (self.ip,) if self.ip6 is None else (self.ip, self.ip6)
 
 
 @dataclass
@@ -277,12 +306,16 @@ class NetnsLab:
         *,
         node_network: str = DEFAULT_NODE_NETWORK,
         pod_supernet: str = DEFAULT_POD_SUPERNET,
+        ipv6: bool = False,
     ) -> None:
         self.prefix = prefix if prefix is not None else "lt" + secrets.token_hex(3)
         if not _PREFIX.match(self.prefix):
             raise ValueError(f"namespace prefix {self.prefix!r} must match [a-z][a-z0-9]{{2,15}}")
         self._node_network = ipaddress.IPv4Network(node_network)
         self._pod_ranges = list(ipaddress.IPv4Network(pod_supernet).subnets(new_prefix=24))
+        self.ipv6 = ipv6
+        self._node_network6 = ipaddress.IPv6Network(DEFAULT_NODE_NETWORK_V6)
+        self._pod_supernet6 = ipaddress.IPv6Network(DEFAULT_POD_SUPERNET_V6)
         self._created: list[Netns] = []  # in creation order; removed in reverse
         self._nodes: dict[str, _NodeState] = {}
         self._pods: dict[str, Pod] = {}
@@ -320,6 +353,10 @@ class NetnsLab:
             raise ValueError(f"namespace {netns.name} already exists")
         run_command(["ip", "netns", "add", netns.name])
         self._created.append(netns)
+        if self.ipv6:
+            # Before any link exists, so every interface made or moved here starts without DAD.
+            for scope in ("all", "default"):
+                netns.sysctl(f"net.ipv6.conf.{scope}.accept_dad", 0)
         netns.ip("link", "set", "lo", "up")
         return netns
 
@@ -337,6 +374,12 @@ class NetnsLab:
             pod_cidr=pod_cidr,
             gateway=pod_cidr.network_address + 1,
             wire_ip=self._node_network.network_address + index,
+            pod_cidr6=(
+                ipaddress.IPv6Network((int(self._pod_supernet6.network_address) + (index << 64), 64))
+                if self.ipv6
+                else None
+            ),
+            wire_ip6=self._node_network6.network_address + index if self.ipv6 else None,
         )
         self._nodes[name] = _NodeState(node, used_hosts={0, 1, pod_cidr.num_addresses - 1})
         node.netns.sysctl("net.ipv4.ip_forward", 1)  # the node routes for its pods
@@ -344,11 +387,17 @@ class NetnsLab:
         node.netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", f"n{index}", "netns", wire.name)
         wire.ip_batch([f"link set n{index} master br0", f"link set n{index} up"])
         commands = [f"addr add {node.wire_ip}/{self._node_network.prefixlen} dev eth0", "link set eth0 up"]
+        if node.wire_ip6 is not None:
+            node.netns.sysctl("net.ipv6.conf.all.forwarding", 1)
+            commands.append(f"addr add {node.wire_ip6}/{self._node_network6.prefixlen} dev eth0 nodad")
         for other in self.nodes:
             if other.name == name:
                 continue
             commands.append(f"route add {other.pod_cidr} via {other.wire_ip} dev eth0")
             other.netns.ip("route", "add", str(pod_cidr), "via", str(node.wire_ip), "dev", "eth0")
+            if other.wire_ip6 is not None and node.wire_ip6 is not None:
+                commands.append(f"route add {other.pod_cidr6} via {other.wire_ip6} dev eth0")
+                other.netns.ip("route", "add", str(node.pod_cidr6), "via", str(node.wire_ip6), "dev", "eth0")
         node.netns.ip_batch(commands)
         return node
 
@@ -385,7 +434,22 @@ class NetnsLab:
                 f"route add default via {node.gateway} dev eth0",
             ]
         )
-        pod = Pod(name, netns, node, address, host_veth)
+        address6 = None
+        if node.pod_cidr6 is not None:
+            address6 = node.pod_cidr6.network_address + (int(address) - int(node.pod_cidr.network_address))
+            node.netns.ip_batch(
+                [
+                    f"addr add {POD_GATEWAY_V6}/64 dev {host_veth} nodad",
+                    f"route add {address6}/128 dev {host_veth}",
+                ]
+            )
+            netns.ip_batch(
+                [
+                    f"addr add {address6}/128 dev eth0 nodad",
+                    f"route add default via {POD_GATEWAY_V6} dev eth0",
+                ]
+            )
+        pod = Pod(name, netns, node, address, host_veth, address6)
         self._pods[name] = pod
         return pod
 

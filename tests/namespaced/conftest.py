@@ -36,7 +36,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def lab() -> Iterator[NetnsLab]:
-    netns_lab = NetnsLab()
+    yield from _lab(NetnsLab())
+
+
+@pytest.fixture
+def dual_stack_lab() -> Iterator[NetnsLab]:
+    """A lab whose nodes and pods have IPv6 addresses too (see loom.testing.netns)."""
+    yield from _lab(NetnsLab(ipv6=True))
+
+
+def _lab(netns_lab: NetnsLab) -> Iterator[NetnsLab]:
     try:
         yield netns_lab
     finally:

@@ -8,8 +8,9 @@ import subprocess
 import pytest
 
 from cni.agent.redirect import IptablesBackend, RedirectionError
-from cni.rules import InpodRules, IpFamily
+from cni.rules import INPOD_MARK, InpodRules, IpFamily
 from loom.testing.netns import NetnsLab
+from ztunnel.inpod.netns import original_dst
 
 pytestmark = pytest.mark.root
 
@@ -82,6 +83,58 @@ async def test_connection_opened_before_apply_survives(lab: NetnsLab) -> None:
     finally:
         listener.close()
         inbound.close()
+        backend.close()
+
+
+async def test_ipv6_is_captured_wherever_the_pod_namespace_has_it(dual_stack_lab: NetnsLab) -> None:
+    """IPv6 left uncaptured would leave the pod past ztunnel (no mTLS, no policy): a namespace with IPv6
+    gets the IPv6 rules, policy rule and route as well; one with IPv6 off gets IPv4's only."""
+    lab = dual_stack_lab
+    node = lab.add_node("n1")
+    a, b, off = lab.add_pod(node, "a"), lab.add_pod(node, "b"), lab.add_pod(node, "off")
+    off.netns.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
+    rules = InpodRules()
+    backend = IptablesBackend(rules)
+    outbound = a.netns.listen("::", 15001)  # where ztunnel's IPv6 listeners would be
+    inbound = b.netns.listen("::", 15006)
+    app = b.netns.listen("::", 8080)
+    loop = asyncio.get_running_loop()
+    try:
+        for pod in (a, b, off):
+            await backend.apply(pod.netns.path)
+            assert await backend.verify(pod.netns.path) == ()
+        for pod in (a, b):
+            assert rules.verify(IpFamily.V6, pod.netns.iptables_save(IpFamily.V6)) == ()
+            assert rules.policy_rule(IpFamily.V6).found_in(pod.netns.ip_json("-6", "rule", "show"))
+        assert "ISTIO" not in off.netns.iptables_save(IpFamily.V6)
+        assert rules.verify(IpFamily.V4, off.netns.iptables_save()) == ()
+
+        # The app's IPv6 connection from a is redirected to a's 15001, its destination kept.
+        _, writer = await a.netns.open_connection(b.address6, 8080)
+        try:
+            conn, peer = await asyncio.wait_for(loop.sock_accept(outbound), 5)
+            with conn:
+                assert original_dst(conn) == (b.address6, 8080)
+                assert peer[0] == a.address6
+        finally:
+            writer.close()
+        # Arriving at b from outside (marked, as ztunnel's own sockets are, so a lets it go): b's 15006.
+        _, writer = await a.netns.open_connection(b.address6, 8080, mark=INPOD_MARK)
+        try:
+            conn, peer = await asyncio.wait_for(loop.sock_accept(inbound), 5)
+            with conn:
+                assert original_dst(conn) == (b.address6, 8080)
+                assert peer[0] == a.address6
+        finally:
+            writer.close()
+
+        for pod in (a, b, off):
+            await backend.remove(pod.netns.path)
+            assert "ISTIO" not in pod.netns.iptables_save(IpFamily.V6)
+        assert not rules.policy_rule(IpFamily.V6).found_in(a.netns.ip_json("-6", "rule", "show"))
+    finally:
+        for sock in (outbound, inbound, app):
+            sock.close()
         backend.close()
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from cni.rules import IpFamily
 from controller.app import ControllerApp
 from controller.config import Config as ControllerConfig
 from loom.identity import Identity
@@ -82,6 +83,7 @@ class ServiceSpec:
     selector: Mapping[str, str]
     port: int = 80
     target_port: int = APP_PORT
+    vip6: str | None = None  # a dual-stack Service's IPv6 cluster IP
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +100,13 @@ class PodServer:
         self.pod = pod
         self.peers: list[tuple[str, int]] = []
         self._server: asyncio.Server | None = None
+        self._server6: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, port: int = APP_PORT) -> None:
-        listener = self.pod.netns.listen("0.0.0.0", port)
-        self._server = await asyncio.start_server(self._handle, sock=listener)
+        self._server = await asyncio.start_server(self._handle, sock=self.pod.netns.listen("0.0.0.0", port))
+        if self.pod.ip6 is not None:
+            self._server6 = await asyncio.start_server(self._handle, sock=self.pod.netns.listen("::", port))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -123,12 +127,14 @@ class PodServer:
             writer.close()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._writers):
-                writer.close()
+        servers = [server for server in (self._server, self._server6) if server is not None]
+        for server in servers:
+            server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for server in servers:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), WAIT)
+                await asyncio.wait_for(server.wait_closed(), WAIT)
 
 
 @dataclass
@@ -221,6 +227,11 @@ def controller_config(state_dir: Path, config_dir: Path) -> ControllerConfig:
     return ControllerConfig.from_args(argv, {})
 
 
+def pod_families(pod: Pod) -> tuple[IpFamily, ...]:
+    """The address families whose traffic the in-pod rules capture: every family the pod has."""
+    return (IpFamily.V4,) if pod.ip6 is None else (IpFamily.V4, IpFamily.V6)
+
+
 def pod_manifest(spec: PodSpec, pod: Pod) -> dict[str, Any]:
     manifest = manifests.pod(
         spec.namespace,
@@ -229,6 +240,7 @@ def pod_manifest(spec: PodSpec, pod: Pod) -> dict[str, Any]:
         service_account=spec.service_account,
         node=spec.node,
         ip=pod.address,
+        secondary_ips=[str(ip) for ip in pod.ips[1:]],
         port=APP_PORT,
     )
     manifest["metadata"]["uid"] = spec.uid
@@ -237,7 +249,12 @@ def pod_manifest(spec: PodSpec, pod: Pod) -> dict[str, Any]:
 
 def _service_manifest(spec: ServiceSpec) -> dict[str, Any]:
     manifest = manifests.service(
-        MESH_NAMESPACE, spec.name, selector=spec.selector, port=spec.port, cluster_ip=spec.vip
+        MESH_NAMESPACE,
+        spec.name,
+        selector=spec.selector,
+        port=spec.port,
+        cluster_ip=spec.vip,
+        secondary_cluster_ips=[spec.vip6] if spec.vip6 else [],
     )
     manifest["spec"]["ports"][0]["targetPort"] = spec.target_port
     return manifest
@@ -294,7 +311,7 @@ async def mesh_lab(lab: NetnsLab, layout: Layout) -> AsyncIterator[MeshLab]:
             stack.push_async_callback(server.close)
             servers[spec.name] = server
             if spec.mesh:
-                enrol(pods[spec.name])
+                enrol(pods[spec.name], families=pod_families(pods[spec.name]))
         for name in layout.nodes:
             agent = InpodTestAgent(str(workdir / f"{name}.sock"))
             agent.pods = {

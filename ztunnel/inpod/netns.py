@@ -301,7 +301,8 @@ class InpodNetns:
         mark: int = INPOD_MARK,
         backlog: int = DEFAULT_BACKLOG,
     ) -> socket.socket:
-        """A listening, non-blocking TCP socket on host:port inside the namespace.
+        """A listening, non-blocking TCP socket on host:port inside the namespace (an IPv6 host listens
+        for IPv6 only).
 
         SO_REUSEPORT lets a second ztunnel bind the same ports while the first drains (restarts)."""
         family = _family_of(host)
@@ -310,6 +311,9 @@ class InpodNetns:
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # IPv6 only: IPv4 has its own listener, so addresses are never IPv4-mapped.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 if reuseport:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 _set_mark(sock, mark)

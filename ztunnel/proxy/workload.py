@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`WorkloadProxy.start()` creates the three listening sockets inside the pod's namespace
+`WorkloadProxy.start()` creates the three listening ports inside the pod's namespace, each for IPv4 and IPv6
 (`InpodNetns.listener`: SO_REUSEPORT so a second ztunnel can bind them while this one drains, SO_MARK
 0x539 so the capture rules skip ztunnel's own sockets) and serves them from the node proxy's event loop:
 
@@ -89,6 +89,11 @@ _EXPECTED_FAILURES = (HboneError, CertificateError, ConnectionFailure, OSError)
 _ACCEPT_STOP_WAIT = 1.0
 # Per network namespace: /proc/sys/net follows the namespace of the thread that opens it.
 _TCP_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+# Each port listens on both families: an IPv6 socket takes IPv6 only, so no address is IPv4-mapped.
+_IPV6_ANY = "::"
+_LISTEN_HOSTS = ("0.0.0.0", _IPV6_ANY)
+# A kernel without IPv6 (or with it removed from the pod) refuses the IPv6 listener with these.
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
 # How long the closer of an inbound tunnel waits for the tunnel to report its end.
 _CLOSE_WAIT = 2.0
 
@@ -177,26 +182,42 @@ class WorkloadProxy:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Bind the three listeners in the pod and start serving; on failure nothing is left open."""
+        """Bind the three listeners in the pod, for IPv4 and (where the pod's kernel has it) IPv6, and
+        start serving; on failure nothing is left open."""
         await self.netns.run(_enable_listener_handoff)
+        bound: dict[int, list[socket.socket]] = {}
         try:
-            outbound = await self.netns.listener(OUTBOUND_PORT)
-            self._listeners.append(outbound)
-            plaintext = await self.netns.listener(INBOUND_PLAINTEXT_PORT)
-            self._listeners.append(plaintext)
-            hbone = await self.netns.listener(INBOUND_HBONE_PORT)
-            self._listeners.append(hbone)
+            for host in _LISTEN_HOSTS:
+                for port in (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT):
+                    try:
+                        sock = await self.netns.listener(port, host=host)
+                    except OSError as e:
+                        if host == _IPV6_ANY and e.errno in _NO_IPV6:
+                            logger.info(
+                                "no IPv6 in the pod; listening on IPv4 only",
+                                extra={"fields": {"workload": self.name, "error": str(e)}},
+                            )
+                            break
+                        raise
+                    self._listeners.append(sock)
+                    bound.setdefault(port, []).append(sock)
         except BaseException:
             for sock in self._listeners:
                 sock.close()
             self._listeners.clear()
             raise
         loop = asyncio.get_running_loop()
+        handlers = (
+            (OUTBOUND_PORT, self._outbound, "outbound"),
+            (INBOUND_PLAINTEXT_PORT, self._inbound_plaintext, "plain"),
+        )
         self._accept_tasks = [
-            loop.create_task(self._accept_loop(outbound, self._outbound), name=f"outbound-{self.uid}"),
-            loop.create_task(self._accept_loop(plaintext, self._inbound_plaintext), name=f"plain-{self.uid}"),
+            loop.create_task(self._accept_loop(sock, handler), name=f"{kind}-{self.uid}")
+            for port, handler, kind in handlers
+            for sock in bound[port]
         ]
-        self.hbone.serve(hbone)
+        for sock in bound[INBOUND_HBONE_PORT]:
+            self.hbone.serve(sock)
         logger.info("proxy started", extra={"fields": {"workload": self.name, "uid": self.uid}})
 
     async def close_listeners(self) -> None:
@@ -313,7 +334,8 @@ class WorkloadProxy:
                 refuse(conn)
                 continue
             conn.setblocking(False)
-            self._spawn(self._guard(handler(conn, peer), conn), f"conn-{self.uid}")
+            # An IPv6 peer comes as (host, port, flowinfo, scope_id); the handlers take (host, port).
+            self._spawn(self._guard(handler(conn, (peer[0], peer[1])), conn), f"conn-{self.uid}")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
