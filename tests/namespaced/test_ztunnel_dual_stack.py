@@ -44,6 +44,7 @@ LAYOUT = Layout(
         PodSpec("a", "n1", service_account="sa-x"),
         PodSpec("c", "n1", service_account="sa-z"),
         PodSpec("plain", "n1", namespace=OUTSIDE_NAMESPACE),
+        PodSpec("v4only", "n1", service_account="sa-z", ipv6_off=True),
         PodSpec("b", "n2", service_account="sa-y", labels={"app": "web", "pod": "b"}),
         PodSpec("d", "n2", service_account="sa-y", labels={"app": "web", "pod": "d"}),
         PodSpec("far", "n2", namespace=OUTSIDE_NAMESPACE),
@@ -108,6 +109,13 @@ async def test_ipv6_between_nodes_goes_over_hbone_on_ipv6_and_keeps_the_client_a
         # The same pods over IPv4 still work: both families are captured side by side.
         answer = await call(a, b.address, APP_PORT)
         assert (answer.server, answer.seen_ip) == ("b", a.address)
+        # A pod with IPv6 switched off is enrolled and served over IPv4 (Istio's ztunnel failed to
+        # enrol such pods for a while: a bind to [::1] in the pod, istio/istio#53843).
+        v4only = mesh.pods["v4only"]
+        answer = await call(v4only, b.address, APP_PORT)
+        assert (answer.server, answer.seen_ip) == ("b", v4only.address)
+        answer = await call(a, v4only.address, APP_PORT)
+        assert (answer.server, answer.seen_ip) == ("v4only", a.address)
 
 
 async def test_ipv6_policy_service_vip_and_passthrough(dual_stack_lab: NetnsLab) -> None:

@@ -62,6 +62,7 @@ class PodSpec:
     namespace: str = MESH_NAMESPACE
     service_account: str = "default"
     labels: Mapping[str, str] = field(default_factory=dict)
+    ipv6_off: bool = False  # net.ipv6.conf.all.disable_ipv6=1 in the pod (before it is enrolled)
 
     @property
     def mesh(self) -> bool:
@@ -228,8 +229,10 @@ def controller_config(state_dir: Path, config_dir: Path) -> ControllerConfig:
 
 
 def pod_families(pod: Pod) -> tuple[IpFamily, ...]:
-    """The address families whose traffic the in-pod rules capture: every family the pod has."""
-    return (IpFamily.V4,) if pod.ip6 is None else (IpFamily.V4, IpFamily.V6)
+    """The address families the in-pod rules capture, as the node agent picks them: IPv6 too wherever
+    the pod's namespace has it (cni.agent.redirect)."""
+    ipv6 = pod.netns.read_sysctl("net.ipv6.conf.all.disable_ipv6") == "0"
+    return (IpFamily.V4, IpFamily.V6) if ipv6 else (IpFamily.V4,)
 
 
 def pod_manifest(spec: PodSpec, pod: Pod) -> dict[str, Any]:
@@ -306,6 +309,8 @@ async def mesh_lab(lab: NetnsLab, layout: Layout) -> AsyncIterator[MeshLab]:
         stack.callback(shutil.rmtree, workdir, True)
         controller = await start_lab_controller(stack, workdir, config_dir, objects, layout.nodes)
         for spec in layout.pods:
+            if spec.ipv6_off:
+                pods[spec.name].netns.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
             server = PodServer(pods[spec.name])
             await server.start()
             stack.push_async_callback(server.close)
