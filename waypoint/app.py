@@ -31,6 +31,7 @@ from typing import Final, cast
 
 from prometheus_client import CollectorRegistry
 
+from loom.hbone import listening_socket
 from loom.hbone.headers import format_address
 from loom.hbone.stats import HboneStats
 from loom.identity import Identity, WorkloadCertificate
@@ -80,32 +81,16 @@ _BACKLOG = 1024
 
 def hbone_listeners(host: str, port: int) -> list[socket.socket]:
     """Listening sockets for HBONE on host:port; for 0.0.0.0 also on [::] (see above)."""
-    listeners = [_listener(host, port)]
+    listeners = [listening_socket(host, port, _BACKLOG)]
     if host == _EVERY_IPV4:
         try:
-            listeners.append(_listener(_EVERY_IPV6, port))
+            listeners.append(listening_socket(_EVERY_IPV6, port, _BACKLOG))
         except OSError as e:
             if e.errno not in _NO_IPV6:
                 listeners[0].close()
                 raise
             log.info("no IPv6 here (%s); HBONE on IPv4 only", e.strerror)
     return listeners
-
-
-def _listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 # Telemetry labels kept per (side, address, identity); past this many the cache starts over.

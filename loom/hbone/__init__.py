@@ -68,6 +68,7 @@ from loom.hbone.server import (
     TunnelRequest,
     TunnelResult,
     UpstreamConnector,
+    listening_socket,
 )
 from loom.hbone.stats import HboneStats
 from loom.hbone.tls import (
@@ -123,6 +124,7 @@ __all__ = [
     "configure_tcp",
     "default_socket_factory",
     "identity_from_certificate",
+    "listening_socket",
     "parse_authority",
     "parse_baggage",
     "parse_connect_request",

@@ -809,6 +809,24 @@ class HboneServer:
         await self.shutdown(0.0)
 
 
+def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket on host:port. An IPv6 one takes IPv6 only, so "::"
+    and "0.0.0.0" listen on the same port side by side and no peer address is ever IPv4-mapped."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _peer(addr: object) -> str:
     """The peer's ip:port for logs ([ip]:port for IPv6, whose accept gives a 4-tuple)."""
     if isinstance(addr, tuple) and len(addr) >= 2:

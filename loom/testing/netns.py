@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cni.rules import InpodRules, IpFamily
+from loom.hbone import listening_socket
 from loom.hbone.headers import IPAddress
 from loom.lab.network import (
     COMMAND_TIMEOUT,
@@ -184,23 +185,7 @@ class Netns(NamedNetns):
     def listen(self, host: str, port: int, *, backlog: int = 64) -> socket.socket:
         """A non-blocking TCP listener inside this namespace (an IPv6 one takes IPv6 only, so "::" and
         "0.0.0.0" can listen on the same port side by side)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        def make() -> socket.socket:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, port))
-                sock.listen(backlog)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-
-        return self.run(make)
+        return self.run(lambda: listening_socket(host, port, backlog))
 
     async def open_connection(
         self, host: str, port: int, *, mark: int | None = None, connect_timeout: float = 5.0

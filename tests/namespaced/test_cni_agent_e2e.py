@@ -19,8 +19,16 @@ from cni.events import AgentRequest, Outcome, PodAttachment, RequestKind, call_a
 from loom.resources.model import LABEL_DATAPLANE_MODE, Namespace, ObjectMeta, Pod, PodTemplate
 from loom.testing.inpod_agent import unenrol
 from loom.testing.netns import NetnsLab
-from tests.namespaced.test_ztunnel_e2e import samples
-from tests.namespaced.ztunnel_harness import APP_PORT, MESH_NAMESPACE, WAIT, Layout, PodSpec, call, mesh_lab
+from tests.namespaced.ztunnel_harness import (
+    APP_PORT,
+    MESH_NAMESPACE,
+    WAIT,
+    Layout,
+    PodSpec,
+    call,
+    mesh_lab,
+    samples,
+)
 
 pytestmark = pytest.mark.root
 

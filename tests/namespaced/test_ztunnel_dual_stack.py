@@ -7,18 +7,15 @@ each test builds its own dual-stack lab (see ztunnel_harness)."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 from pathlib import Path
 
 import pytest
 
-from loom.policy.rbac import Connection
 from loom.testing import manifests
 from loom.testing.netns import NetnsLab
 from loom.testing.waiting import eventually
-from tests.namespaced.test_ztunnel_e2e import samples
 from tests.namespaced.ztunnel_harness import (
     APP_PORT,
     MESH_NAMESPACE,
@@ -26,12 +23,13 @@ from tests.namespaced.ztunnel_harness import (
     WAIT,
     Capture,
     Layout,
-    MeshLab,
     PodSpec,
     ServiceSpec,
+    allowed,
     call,
     mesh_lab,
     refused,
+    samples,
 )
 
 pytestmark = pytest.mark.root
@@ -51,21 +49,6 @@ LAYOUT = Layout(
     ),
     services=(ServiceSpec("web", VIP, {"app": "web"}, vip6=VIP6),),
 )
-
-
-def decided(mesh: MeshLab, source: str, destination: str, *, identity: bool = True) -> bool:
-    """What the destination's ztunnel would decide now for source -> destination:APP_PORT over IPv6."""
-    app = mesh.ztunnel_of(destination)
-    spec = mesh.specs[destination]
-    workload = app.state.workload(f"Kubernetes//Pod/{spec.namespace}/{spec.name}")
-    assert workload is not None
-    connection = Connection(
-        mesh.specs[source].identity if identity else None,
-        ipaddress.ip_address(mesh.pods[source].address6),
-        ipaddress.ip_address(mesh.pods[destination].address6),
-        APP_PORT,
-    )
-    return app.state.authorize(workload, connection).allowed
 
 
 async def test_ipv6_between_nodes_goes_over_hbone_on_ipv6_and_keeps_the_client_address(
@@ -147,7 +130,9 @@ async def test_ipv6_policy_service_vip_and_passthrough(dual_stack_lab: NetnsLab)
         )
         policy["spec"]["rules"] = [{"from": [{"source": {"ipBlocks": [f"{a.address6}/128"]}}]}]
         mesh.apply("deny-a6", policy)
-        await eventually(lambda: not decided(mesh, "a", "b"), within=WAIT, what="DENY policy in force")
+        await eventually(
+            lambda: not allowed(mesh, "a", "b", ipv6=True), within=WAIT, what="DENY policy in force"
+        )
         assert await refused(a, b.address6, APP_PORT)
         assert (await call(c, b.address6, APP_PORT)).server == "b"
         assert (await call(a, b.address, APP_PORT)).server == "b"
@@ -167,7 +152,9 @@ async def test_ipv6_plaintext_from_outside_the_mesh_is_judged_on_15006(dual_stac
 
         mesh.apply("strict", manifests.peer_authentication(MESH_NAMESPACE, mode="STRICT"))
         await eventually(
-            lambda: not decided(mesh, "plain", "b", identity=False), within=WAIT, what="STRICT in force"
+            lambda: not allowed(mesh, "plain", "b", identity=False, ipv6=True),
+            within=WAIT,
+            what="STRICT in force",
         )
         assert await refused(plain, b.address6, APP_PORT)
         assert (await call(mesh.pods["a"], b.address6, APP_PORT)).server == "b", "mesh traffic unaffected"

@@ -5,7 +5,6 @@ input. Root only; each test builds its own lab (see ztunnel_harness)."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
@@ -16,7 +15,6 @@ import pytest
 
 from cni.rules import INPOD_MARK
 from loom.identity import Identity
-from loom.policy.rbac import Connection
 from loom.testing import manifests
 from loom.testing.inpod_agent import enrol
 from loom.testing.netns import NetnsLab
@@ -29,15 +27,15 @@ from tests.namespaced.ztunnel_harness import (
     WAIT,
     Capture,
     Layout,
-    MeshLab,
     PodSpec,
     ServiceSpec,
+    allowed,
     call,
     mesh_lab,
     pod_manifest,
     refused,
+    samples,
 )
-from ztunnel.app import ZtunnelApp
 from ztunnel.inpod import WorkloadInfo
 
 pytestmark = pytest.mark.root
@@ -55,31 +53,6 @@ LAYOUT = Layout(
     services=(ServiceSpec("web", "10.96.0.50", {"app": "web"}),),
 )
 VIP = "10.96.0.50"
-
-
-def samples(app: ZtunnelApp, name: str) -> list[dict[str, str]]:
-    """Label sets of the non-zero samples of metric `name` (e.g. istio_tcp_connections_opened_total)."""
-    found = []
-    for family in app.registry.collect():
-        for sample in family.samples:
-            if sample.name == name and sample.value > 0:
-                found.append(dict(sample.labels))
-    return found
-
-
-def allowed(mesh: MeshLab, source: str, destination: str, *, identity: bool = True) -> bool:
-    """What the destination's ztunnel would decide right now for source -> destination:APP_PORT."""
-    app = mesh.ztunnel_of(destination)
-    spec = mesh.specs[destination]
-    workload = app.state.workload(f"Kubernetes//Pod/{spec.namespace}/{spec.name}")
-    assert workload is not None
-    connection = Connection(
-        mesh.specs[source].identity if identity else None,
-        ipaddress.ip_address(mesh.pods[source].address),
-        ipaddress.ip_address(mesh.pods[destination].address),
-        APP_PORT,
-    )
-    return app.state.authorize(workload, connection).allowed
 
 
 async def until(predicate: Callable[[], bool], what: str) -> None:

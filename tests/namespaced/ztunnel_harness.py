@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ipaddress
 import os
 import shutil
 import signal
@@ -38,6 +39,7 @@ from cni.rules import IpFamily
 from controller.app import ControllerApp
 from controller.config import Config as ControllerConfig
 from loom.identity import Identity
+from loom.policy.rbac import Connection
 from loom.testing import manifests
 from loom.testing.inpod_agent import AgentPod, InpodTestAgent, enrol
 from loom.testing.netns import NetnsLab, Node, Pod
@@ -343,6 +345,38 @@ async def _stop_all_ztunnels(mesh: MeshLab) -> None:
     for node in mesh.nodes.values():
         for app in node.started:
             await app.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# what a ztunnel holds
+
+
+def samples(app: ZtunnelApp, name: str) -> list[dict[str, str]]:
+    """Label sets of the non-zero samples of metric `name` (e.g. istio_tcp_connections_opened_total)."""
+    found = []
+    for family in app.registry.collect():
+        for sample in family.samples:
+            if sample.name == name and sample.value > 0:
+                found.append(dict(sample.labels))
+    return found
+
+
+def allowed(
+    mesh: MeshLab, source: str, destination: str, *, identity: bool = True, ipv6: bool = False
+) -> bool:
+    """What the destination's ztunnel would decide right now for source -> destination:APP_PORT (over
+    IPv6 between the pods' IPv6 addresses with `ipv6`)."""
+    app = mesh.ztunnel_of(destination)
+    spec = mesh.specs[destination]
+    workload = app.state.workload(f"Kubernetes//Pod/{spec.namespace}/{spec.name}")
+    assert workload is not None
+    connection = Connection(
+        mesh.specs[source].identity if identity else None,
+        ipaddress.ip_address(mesh.pods[source].address6 if ipv6 else mesh.pods[source].address),
+        ipaddress.ip_address(mesh.pods[destination].address6 if ipv6 else mesh.pods[destination].address),
+        APP_PORT,
+    )
+    return app.state.authorize(workload, connection).allowed
 
 
 # ---------------------------------------------------------------------------------------------------
