@@ -13,6 +13,8 @@ namespace, nat POSTROUTING jumps to our chain `LOOM-POSTRT`, which holds one rul
 `-m owner --socket-exists` matches only packets of a local socket: the node's own connections
 (kubelet, a person with `ip netns exec`), never pod traffic the node forwards. The pod sees the probe
 from 169.254.7.127, lets it reach the app directly and replies; conntrack reverses the SNAT on the node.
+IPv6 pod addresses get the same rules in ip6tables, to fd16:9254:7127:1337:ffff:ffff:ffff:ffff, wherever
+the node's namespace has IPv6 (a pod's IPv6 rules accept that source, as its IPv4 ones 169.254.7.127).
 
 Per-IP rules instead of Istio's ipset: no dependency on the ipset tool or the ip_set kernel module, and
 the whole rule set (chain plus jump) changes in ONE iptables-restore transaction, so there is never a
@@ -34,7 +36,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Final, Protocol
 
-from cni.agent.redirect import NetnsRunner, RedirectionError, run_tool
+from cni.agent.redirect import NetnsRunner, RedirectionError, families_here, run_tool
 from cni.rules import InpodConfig, IpFamily, SavedTable, parse_iptables_save, rule_target
 
 log = logging.getLogger(__name__)
@@ -158,11 +160,12 @@ class HostRulesApplier:
         runner: NetnsRunner,
         *,
         rules: HostProbeRules | None = None,
-        families: Sequence[IpFamily] = (IpFamily.V4,),
+        families: Sequence[IpFamily] | None = None,
         netns_path: str | None = None,
     ) -> None:
         self.rules = rules if rules is not None else HostProbeRules()
-        self.families = tuple(families)
+        # None: IPv4, and IPv6 where the node's namespace has it (probes of IPv6 pod addresses).
+        self.families = tuple(families) if families is not None else None
         self.netns_path = netns_path
         self._runner = runner
         self._applied: frozenset[IPAddress] | None = None
@@ -187,7 +190,7 @@ class HostRulesApplier:
 
         def work() -> bool:
             wrote = False
-            for family in self.families:
+            for family in families_here(self.families):
                 current = run_tool([family.save_command, "-t", TABLE], where)
                 text = self.rules.restore(family, wanted, current)
                 if text:
@@ -213,7 +216,7 @@ class HostRulesApplier:
 
         def work() -> tuple[str, ...]:
             problems: list[str] = []
-            for family in self.families:
+            for family in families_here(self.families):
                 current = run_tool([family.save_command, "-t", TABLE], where)
                 problems += self.rules.verify(family, wanted, current)
             return tuple(problems)

@@ -124,6 +124,14 @@ def ipv6_enabled_here() -> bool:
         return False
 
 
+def families_here(fixed: tuple[IpFamily, ...] | None = None) -> tuple[IpFamily, ...]:
+    """The address families to write rules for in the calling thread's namespace: `fixed` when
+    given, else IPv4 plus IPv6 wherever the namespace has it (see the module docstring)."""
+    if fixed is not None:
+        return fixed
+    return (IpFamily.V4, IpFamily.V6) if ipv6_enabled_here() else (IpFamily.V4,)
+
+
 def _ip_json(netns_path: str, *args: str) -> list[dict[str, Any]]:
     output = run_tool(["ip", "-j", *args], netns_path).strip()
     parsed = json.loads(output) if output else []
@@ -213,10 +221,7 @@ class IptablesBackend:
             self.runner.close()
 
     def _families_here(self) -> tuple[IpFamily, ...]:
-        """The families to capture in the namespace the calling (switcher) thread is in."""
-        if self.families is not None:
-            return self.families
-        return (IpFamily.V4, IpFamily.V6) if ipv6_enabled_here() else (IpFamily.V4,)
+        return families_here(self.families)
 
     async def _inside(
         self, netns_path: str, what: str, fn: Callable[[], T], *, missing_ok: bool = False

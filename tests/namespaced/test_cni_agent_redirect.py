@@ -7,9 +7,11 @@ import subprocess
 
 import pytest
 
-from cni.agent.redirect import IptablesBackend, RedirectionError
-from cni.rules import INPOD_MARK, InpodRules, IpFamily
+from cni.agent.host_rules import HostRulesApplier
+from cni.agent.redirect import IptablesBackend, NetnsRunner, RedirectionError
+from cni.rules import INPOD_MARK, PROBE_SNAT_IPV6, InpodRules, IpFamily
 from loom.testing.netns import NetnsLab
+from tests.namespaced.harness import nothing_pending
 from ztunnel.inpod.netns import original_dst
 
 pytestmark = pytest.mark.root
@@ -136,6 +138,47 @@ async def test_ipv6_is_captured_wherever_the_pod_namespace_has_it(dual_stack_lab
         for sock in (outbound, inbound, app):
             sock.close()
         backend.close()
+
+
+async def test_node_probes_of_an_ipv6_pod_address_reach_the_app_from_the_ipv6_probe_address(
+    dual_stack_lab: NetnsLab,
+) -> None:
+    """The kubelet's probe of an enrolled pod's IPv6 address leaves the node SNATed to the IPv6 probe
+    address, which the pod's IPv6 rules let straight through to the app (not into ztunnel's 15006)."""
+    node = dual_stack_lab.add_node("n1")
+    pod = dual_stack_lab.add_pod(node, "a")
+    assert pod.ip6 is not None
+    runner = NetnsRunner()
+    backend = IptablesBackend(runner=runner)
+    host_rules = HostRulesApplier(runner, netns_path=node.netns.path)
+    app = pod.netns.listen("::", 8080)
+    inbound = pod.netns.listen("::", 15006)
+    loop = asyncio.get_running_loop()
+    try:
+        await backend.apply(pod.netns.path)
+        await host_rules.sync([pod.ip, pod.ip6])
+        assert await host_rules.verify([pod.ip, pod.ip6]) == ()
+        saved = node.netns.iptables_save(IpFamily.V6)
+        assert (
+            f"-d {pod.ip6}/128 -p tcp -m owner --socket-exists -j SNAT --to-source {PROBE_SNAT_IPV6}" in saved
+        )
+
+        _, writer = await node.netns.open_connection(pod.address6, 8080)
+        try:
+            conn, peer = await asyncio.wait_for(loop.sock_accept(app), 5)
+            conn.close()
+            assert peer[0] == PROBE_SNAT_IPV6
+        finally:
+            writer.close()
+        assert nothing_pending(inbound), "the probe never went to ztunnel's inbound port"
+
+        await host_rules.sync([])
+        assert "LOOM-POSTRT" not in node.netns.iptables_save(IpFamily.V6)
+    finally:
+        for sock in (app, inbound):
+            sock.close()
+        await backend.remove(pod.netns.path)
+        runner.close()
 
 
 async def test_missing_namespace(lab: NetnsLab) -> None:
