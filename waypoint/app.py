@@ -22,7 +22,6 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import random
 import socket
@@ -31,7 +30,7 @@ from typing import Final, cast
 
 from prometheus_client import CollectorRegistry
 
-from loom.hbone import listening_socket
+from loom.hbone import IPV6_UNAVAILABLE, listening_socket
 from loom.hbone.headers import format_address
 from loom.hbone.stats import HboneStats
 from loom.identity import Identity, WorkloadCertificate
@@ -75,18 +74,16 @@ def normalize(target: str) -> tuple[str, str]:
 # client address is ever IPv4-mapped), where the kernel has IPv6.
 _EVERY_IPV4 = "0.0.0.0"
 _EVERY_IPV6 = "::"
-_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
-_BACKLOG = 1024
 
 
 def hbone_listeners(host: str, port: int) -> list[socket.socket]:
     """Listening sockets for HBONE on host:port; for 0.0.0.0 also on [::] (see above)."""
-    listeners = [listening_socket(host, port, _BACKLOG)]
+    listeners = [listening_socket(host, port)]
     if host == _EVERY_IPV4:
         try:
-            listeners.append(listening_socket(_EVERY_IPV6, port, _BACKLOG))
+            listeners.append(listening_socket(_EVERY_IPV6, port))
         except OSError as e:
-            if e.errno not in _NO_IPV6:
+            if e.errno not in IPV6_UNAVAILABLE:
                 listeners[0].close()
                 raise
             log.info("no IPv6 here (%s); HBONE on IPv4 only", e.strerror)

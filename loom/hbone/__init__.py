@@ -57,6 +57,7 @@ from loom.hbone.protocol import (
     parse_connect_request,
 )
 from loom.hbone.server import (
+    IPV6_UNAVAILABLE,
     CertificateProvider,
     Decision,
     Handler,
@@ -81,6 +82,7 @@ from loom.hbone.tls import (
 
 __all__ = [
     "CONNECT_TIMEOUT_HINT",
+    "IPV6_UNAVAILABLE",
     "AlpnMismatch",
     "BadRequest",
     "BaggageFields",

@@ -46,6 +46,7 @@ import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 import h2.config
 import h2.connection
@@ -807,6 +808,10 @@ class HboneServer:
 
     async def close(self) -> None:
         await self.shutdown(0.0)
+
+
+# What creating or binding an IPv6 socket fails with where the kernel (or the namespace) has no IPv6.
+IPV6_UNAVAILABLE: Final = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
 
 
 def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:

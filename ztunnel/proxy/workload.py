@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`WorkloadProxy.start()` creates the three listening ports inside the pod's namespace, each for IPv4 and IPv6
+`WorkloadProxy.start()` creates the three listening ports inside the pod's namespace, for IPv4 and IPv6
 (`InpodNetns.listener`: SO_REUSEPORT so a second ztunnel can bind them while this one drains, SO_MARK
 0x539 so the capture rules skip ztunnel's own sockets) and serves them from the node proxy's event loop:
 
@@ -42,6 +42,7 @@ from typing import Any
 
 from cni.rules import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, INPOD_MARK, OUTBOUND_PORT
 from loom.hbone import (
+    IPV6_UNAVAILABLE,
     BaggageFields,
     ClientLimits,
     ConnectionPool,
@@ -92,8 +93,6 @@ _TCP_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 # Each port listens on both families: an IPv6 socket takes IPv6 only, so no address is IPv4-mapped.
 _IPV6_ANY = "::"
 _LISTEN_HOSTS = ("0.0.0.0", _IPV6_ANY)
-# A kernel without IPv6 (or with it removed from the pod) refuses the IPv6 listener with these.
-_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
 # How long the closer of an inbound tunnel waits for the tunnel to report its end.
 _CLOSE_WAIT = 2.0
 
@@ -192,7 +191,7 @@ class WorkloadProxy:
                     try:
                         sock = await self.netns.listener(port, host=host)
                     except OSError as e:
-                        if host == _IPV6_ANY and e.errno in _NO_IPV6:
+                        if host == _IPV6_ANY and e.errno in IPV6_UNAVAILABLE:
                             logger.info(
                                 "no IPv6 in the pod; listening on IPv4 only",
                                 extra={"fields": {"workload": self.name, "error": str(e)}},
