@@ -220,9 +220,6 @@ class IptablesBackend:
         if self._own_runner:
             self.runner.close()
 
-    def _families_here(self) -> tuple[IpFamily, ...]:
-        return families_here(self.families)
-
     async def _inside(
         self, netns_path: str, what: str, fn: Callable[[], T], *, missing_ok: bool = False
     ) -> T | None:
@@ -231,7 +228,7 @@ class IptablesBackend:
     async def apply(self, netns_path: str) -> None:
         def work() -> None:
             _keep_untracked_connections(netns_path)
-            for family in self._families_here():
+            for family in families_here(self.families):
                 current = run_tool([family.save_command], netns_path)
                 restore = self.rules.iptables_restore(family, current)
                 if restore:
@@ -245,7 +242,7 @@ class IptablesBackend:
 
     async def remove(self, netns_path: str) -> None:
         def work() -> None:
-            for family in self._families_here():
+            for family in families_here(self.families):
                 restore = self.rules.removal_restore(family, run_tool([family.save_command], netns_path))
                 if restore:
                     run_tool([family.restore_command, "--noflush"], netns_path, input=restore)
@@ -268,7 +265,7 @@ class IptablesBackend:
     async def verify(self, netns_path: str) -> tuple[str, ...]:
         def work() -> tuple[str, ...]:
             problems: list[str] = []
-            for family in self._families_here():
+            for family in families_here(self.families):
                 problems.extend(self.rules.verify(family, run_tool([family.save_command], netns_path)))
                 policy_rule = self.rules.policy_rule(family)
                 if not policy_rule.found_in(_ip_json(netns_path, family.ip_flag, "rule", "show")):
