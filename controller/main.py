@@ -30,6 +30,7 @@ import uvloop
 
 from controller.auth import LabNodeAuthenticator
 from controller.config import DEFAULT_STATE_DIR, Config, ConfigError
+from loom.runtime import tune_allocator
 
 logger = logging.getLogger("controller.main")
 
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"loom-controller: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_scopes)
+    tune_allocator()
     return uvloop.run(run(config))
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import uvloop
 
-from loom.runtime import settle_heap
+from loom.runtime import settle_heap, tune_allocator
 from waypoint.app import WaypointApp
 from waypoint.config import Config, ConfigError
 from waypoint.xds import SettingsError
@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LogLevelError, ValueError) as exc:
         print(f"LOG_LEVEL={os.environ.get('LOG_LEVEL', '')} is not valid: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    tune_allocator()
     return uvloop.run(run(app))
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import uvloop
 
-from loom.runtime import settle_heap
+from loom.runtime import settle_heap, tune_allocator
 from ztunnel.app import ZtunnelApp
 from ztunnel.config import Config, ConfigError
 from ztunnel.telemetry import LogControl, LogLevelError, configure_logging
@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LogLevelError, ValueError) as e:
         print(f"LOG_LEVEL={config.log_level} is not valid: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    tune_allocator()
     return uvloop.run(run(config, log_control))
 
 
