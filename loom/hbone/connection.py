@@ -757,6 +757,7 @@ class H2Endpoint(asyncio.Protocol):
                 max_goaway_payload=limits.max_goaway_payload,
             ),
             server=self.server_side,
+            whole_data=True,
         )
         self._write_paused = False
         self._unflushed = 0
@@ -861,6 +862,9 @@ class H2Endpoint(asyncio.Protocol):
             scan = self._scanner.feed(data)
             h2conn = self.h2
             for segment in scan.segments:
+                if isinstance(segment, tuple):
+                    self._receive_whole_data(*segment)
+                    continue
                 events = h2conn.receive_data(segment)
                 if events:
                     self._dispatch(events)
@@ -963,6 +967,41 @@ class H2Endpoint(asyncio.Protocol):
                 self._on_event(event)
             else:
                 self._on_event(event)
+
+    def _receive_whole_data(self, stream_id: int, frame: memoryview) -> None:
+        """A DATA frame without flags that arrived whole (the scanner cut it out; h2's frame buffer
+        is empty). On an open stream with room in both windows it is what FastDataH2Connection
+        would make of it, without the frame and event objects: h2's windows are charged the same,
+        the payload copied once and delivered. Anything else (a stream h2 does not know or has
+        closed, a window the frame overruns, a connection that is closing) is h2's to handle, and
+        so is its error."""
+        if self.closing:
+            raise ConnectionAbandoned
+        h2conn = self.h2
+        size = len(frame) - FRAME_HEADER_SIZE
+        stream = h2conn.streams.get(stream_id)
+        connection_window = h2conn._inbound_flow_control_window_manager
+        if (
+            stream is None
+            or stream.state_machine.state not in _RECEIVING_STREAM_STATES
+            or stream._expected_content_length is not None
+            or h2conn.state_machine.state not in _OPEN_CONNECTION_STATES
+            or size > connection_window.current_window_size
+            or size > stream._inbound_window_manager.current_window_size
+        ):
+            events = h2conn.receive_data(frame)
+            if events:
+                self._dispatch(events)
+            return
+        connection_window.window_consumed(size)
+        stream._inbound_window_manager.window_consumed(size)
+        stream._actual_content_length += size
+        channel = self.channels.get(stream_id)
+        if channel is None:
+            self.ack(stream_id, size)  # a stream we already finished (frames in flight)
+            return
+        channel.received += size
+        channel.sink.deliver(frame[FRAME_HEADER_SIZE:].tobytes(), size)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream_id = event.stream_id

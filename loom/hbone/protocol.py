@@ -13,6 +13,11 @@ and PRIORITY floods, counts the PING/SETTINGS frames that oblige us to answer (t
 those with its unsent backlog), and takes GOAWAY frames out of the byte stream, handing them to the
 connection instead of to h2. Removing GOAWAY is safe: it carries no HPACK state. Everything else is
 passed through untouched as memoryview slices of the received buffer, normally one slice per read.
+With `whole_data`, the commonest frame of all is the exception: a DATA frame without flags that lies
+whole within one read is handed over on its own, as `(stream_id, frame)`, so HBONE can deliver it without
+h2 parsing it into objects (it still charges h2's windows, and gives h2 the frame whenever the
+stream or the windows are not in the plain state; see `H2Endpoint._receive_whole_data`). Such a frame
+always starts where h2's frame buffer is empty: every earlier byte went to h2 in whole frames.
 
 `parse_connect_request` validates a CONNECT the way RFC 9113 §8.5 and ztunnel's inbound do, with h2's
 own header validation switched off (h2 turns a malformed request into a connection error, killing
@@ -274,9 +279,13 @@ class ScanLimits:
     max_goaway_payload: int
 
 
+# A DATA frame without flags, whole within one read: (stream id, the frame with its 9-byte header).
+WholeData = tuple[int, memoryview]
+
+
 @dataclass(slots=True)
 class ScanResult:
-    segments: list[memoryview | bytes]  # bytes to feed to h2, in order
+    segments: list[memoryview | bytes | WholeData]  # in order: bytes to feed to h2, or a WholeData
     goaways: list[GoAway]
     answers_owed: int  # PING and SETTINGS frames (not ACKs) that h2 will answer
 
@@ -298,10 +307,12 @@ class FrameScanner:
         "_priority_frames",
         "_skip",
         "_streams_opened",
+        "_whole_data",
     )
 
-    def __init__(self, limits: ScanLimits, *, server: bool) -> None:
+    def __init__(self, limits: ScanLimits, *, server: bool, whole_data: bool = False) -> None:
         self._limits = limits
+        self._whole_data = whole_data
         self._preface_left = len(CLIENT_PREFACE) if server else 0
         self._header = bytearray()  # a frame header split across reads
         self._skip = 0  # payload bytes of the current (passed-through) frame still to come
@@ -319,7 +330,7 @@ class FrameScanner:
         view = memoryview(data)
         n = len(view)
         pos = 0
-        segments: list[memoryview | bytes] = []
+        segments: list[memoryview | bytes | WholeData] = []
         goaways: list[GoAway] = []
         owed = 0
         if self._preface_left:
@@ -374,6 +385,14 @@ class FrameScanner:
                 continue
             if not header_in_view:
                 segments.append(header.tobytes())
+            elif frame_type == DATA and not flags and length and pos + length <= n and self._whole_data:
+                start = pos - FRAME_HEADER_SIZE
+                if start > run_start:
+                    segments.append(view[run_start:start])
+                pos += length
+                segments.append((stream_id, view[start:pos]))
+                run_start = pos
+                continue
             self._skip = length
         if pos > run_start:
             segments.append(view if run_start == 0 and pos == n else view[run_start:pos])

@@ -229,6 +229,49 @@ async def test_early_data_over_the_bound_resets_the_stream(
         await assert_still_serving(sut, pki)
 
 
+async def test_data_beyond_the_stream_window_is_a_flow_control_error(
+    pki: Pki, recorder: Upstream, tmp_path: Path
+) -> None:
+    calls = Calls(recorder)
+    calls.hold = True  # nothing reads the stream while the decision is pending: its window only shrinks
+    limits = ServerLimits(stream_window=65535, early_data_limit=1 << 20)
+    async with running_server(pki.issue("ns1", "server"), calls, limits=limits) as sut:
+        client = await raw(sut, pki, tmp_path)
+        stream = await client.request(CONNECT)
+        # Small frames written at once (each lies whole in a read, the server's fast path): 80,000
+        # bytes against a window of 65,535, sent raw past the client's own flow control.
+        for _ in range(5):
+            client.frame(DataFrame(stream, data=b"x" * 16000))
+        await client.writer.drain()
+        goaway = await client.wait_for(lambda e: isinstance(e, h2.events.ConnectionTerminated))
+        assert isinstance(goaway, h2.events.ConnectionTerminated)
+        assert goaway.error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
+        await client.wait_closed()
+        assert sut.server.stats.connections_closed["protocol_error"] == 1
+        calls.release.set()
+        await asyncio.sleep(0.05)
+        assert recorder.connections == 0
+        await assert_still_serving(sut, pki)
+
+
+async def test_data_on_a_stream_never_opened_is_refused_alone(
+    pki: Pki, recorder: Upstream, tmp_path: Path
+) -> None:
+    async with running_server(pki.issue("ns1", "server"), Calls(recorder)) as sut:
+        client = await raw(sut, pki, tmp_path)
+        stream = await client.request(CONNECT)
+        assert await client.response_status(stream) == 200
+        # DATA on a stream id the client skipped (idle, never opened): h2's connection error.
+        client.frame(DataFrame(stream + 2, data=b"stray"))
+        await client.writer.drain()
+        goaway = await client.wait_for(lambda e: isinstance(e, h2.events.ConnectionTerminated))
+        assert isinstance(goaway, h2.events.ConnectionTerminated)
+        assert goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        await client.wait_closed()
+        assert bytes(recorder.received) == b""
+        await assert_still_serving(sut, pki)
+
+
 # ------------------------------------------------------------------------------ item 1: rapid reset
 
 

@@ -243,7 +243,7 @@ def scan_all(scanner: FrameScanner, data: bytes, cuts: list[int]) -> tuple[bytes
     for start, end in itertools.pairwise(points):
         result = scanner.feed(data[start:end])
         for segment in result.segments:
-            passed += segment
+            passed += segment[1] if isinstance(segment, tuple) else segment
         goaways += result.goaways
         owed += result.answers_owed
     return bytes(passed), goaways, owed
@@ -263,24 +263,77 @@ def some_frames() -> list[Frame]:
     ]
 
 
-@given(st.lists(st.integers(min_value=0, max_value=2000), max_size=30), st.integers(min_value=0, max_value=7))
+@given(
+    st.lists(st.integers(min_value=0, max_value=2000), max_size=30),
+    st.integers(min_value=0, max_value=7),
+    st.booleans(),
+)
 @settings(max_examples=200, deadline=None)
-def test_scanner_passes_everything_but_goaway_whatever_the_cuts(cuts: list[int], goaway_at: int) -> None:
+def test_scanner_passes_everything_but_goaway_whatever_the_cuts(
+    cuts: list[int], goaway_at: int, whole: bool
+) -> None:
     frames = some_frames()
     goaway = GoAwayFrame(0, last_stream_id=7, error_code=0, additional_data=b"bye")
     with_goaway = [*frames[:goaway_at], goaway, *frames[goaway_at:]]
     data = CLIENT_PREFACE + ser(*with_goaway)
-    passed, goaways, owed = scan_all(FrameScanner(LIMITS, server=True), data, cuts)
+    passed, goaways, owed = scan_all(FrameScanner(LIMITS, server=True, whole_data=whole), data, cuts)
     assert passed == CLIENT_PREFACE + ser(*frames)
     assert goaways == [GoAway(7, 0, b"bye")]
     assert owed == 2  # one SETTINGS, one PING
 
 
-def test_scanner_single_read_is_one_zero_copy_segment() -> None:
-    data = ser(*some_frames())
-    result = FrameScanner(LIMITS, server=False).feed(data)
-    assert len(result.segments) == 1
-    assert bytes(result.segments[0]) == data
+def test_scanner_single_read_is_zero_copy_segments_around_whole_data_frames() -> None:
+    frames = some_frames()
+    data = ser(*frames)
+    result = FrameScanner(LIMITS, server=False, whole_data=True).feed(data)
+    before, whole, after = result.segments
+    # Views of the read itself (nothing copied): the frames before the DATA frame, the DATA frame
+    # with its header as (stream id, frame), then everything after it (END_STREAM DATA included).
+    assert isinstance(before, memoryview) and isinstance(after, memoryview)
+    assert before.obj is data and after.obj is data
+    assert bytes(before) == ser(*frames[:2])
+    assert isinstance(whole, tuple)
+    assert whole[0] == 1 and bytes(whole[1]) == ser(frames[2]) and whole[1].obj is data
+    assert bytes(after) == ser(*frames[3:])
+
+
+def test_scanner_hands_only_whole_flagless_nonempty_data_frames_over() -> None:
+    scanner = FrameScanner(LIMITS, server=False, whole_data=True)
+    plain = [DataFrame(3, data=b"a" * 100), DataFrame(5, data=b"b" * 7)]
+    result = scanner.feed(ser(*plain))
+    assert [(sid, bytes(frame)) for sid, frame in result.segments] == [
+        (3, ser(plain[0])),
+        (5, ser(plain[1])),
+    ]
+    # With flags (END_STREAM, PADDED), empty, or split across reads: bytes for h2 as before.
+    for frames in (
+        [DataFrame(3, data=b"a" * 100, flags=["END_STREAM"])],
+        [DataFrame(3, data=b"a" * 100, flags=["PADDED"], pad_length=4)],
+        [DataFrame(3, data=b"")],
+    ):
+        result = FrameScanner(LIMITS, server=False, whole_data=True).feed(ser(*frames))
+        assert not any(isinstance(segment, tuple) for segment in result.segments)
+    split = ser(DataFrame(3, data=b"a" * 100))
+    scanner = FrameScanner(LIMITS, server=False, whole_data=True)
+    segments = scanner.feed(split[:50]).segments + scanner.feed(split[50:]).segments
+    assert not any(isinstance(segment, tuple) for segment in segments)
+    assert b"".join(bytes(segment) for segment in segments) == split  # type: ignore[arg-type]
+
+
+def test_scanner_whole_data_frames_keep_their_place_among_other_frames() -> None:
+    # The preface of a server connection, a DATA frame right after it, one cut short by the read.
+    frames = some_frames()
+    data = CLIENT_PREFACE + ser(DataFrame(1, data=b"z" * 10), *frames)
+    cut = len(data) - 3
+    scanner = FrameScanner(LIMITS, server=True, whole_data=True)
+    segments = scanner.feed(data[:cut]).segments + scanner.feed(data[cut:]).segments
+    kinds = ["whole" if isinstance(segment, tuple) else "bytes" for segment in segments]
+    assert kinds == ["bytes", "whole", "bytes", "whole", "bytes", "bytes"]
+    # Without whole_data (the waypoint's HTTP/2 from applications): bytes only, as they came.
+    plain = FrameScanner(LIMITS, server=True).feed(data).segments
+    assert len(plain) == 1 and bytes(plain[0]) == data  # type: ignore[arg-type]
+    rebuilt = b"".join(bytes(s[1]) if isinstance(s, tuple) else bytes(s) for s in segments)
+    assert rebuilt == data
 
 
 def test_scanner_counts_only_frames_that_need_answers() -> None:
