@@ -268,7 +268,8 @@ class Http2Session:
                 )
                 return
             for segment in scan.segments:
-                events = self.h2.receive_data(segment)
+                # Whole DATA frames are cut out only for HBONE (whole_data); h2 parses them all here.
+                events = self.h2.receive_data(segment[1] if isinstance(segment, tuple) else segment)
                 for event in events:
                     if self.closing:
                         return
