@@ -973,8 +973,8 @@ class H2Endpoint(asyncio.Protocol):
         is empty). On an open stream with room in both windows it is what FastDataH2Connection
         would make of it, without the frame and event objects: h2's windows are charged the same,
         the payload copied once and delivered. Anything else (a stream h2 does not know or has
-        closed, a window the frame overruns, a connection that is closing) is h2's to handle, and
-        so is its error."""
+        closed, a frame larger than h2 takes yet, a window the frame overruns, a connection that is
+        closing) is h2's to handle, and so is its error."""
         if self.closing:
             raise ConnectionAbandoned
         h2conn = self.h2
@@ -986,6 +986,7 @@ class H2Endpoint(asyncio.Protocol):
             or stream.state_machine.state not in _RECEIVING_STREAM_STATES
             or stream._expected_content_length is not None
             or h2conn.state_machine.state not in _OPEN_CONNECTION_STATES
+            or size > h2conn.max_inbound_frame_size  # before our SETTINGS are acknowledged: 16 KiB
             or size > connection_window.current_window_size
             or size > stream._inbound_window_manager.current_window_size
         ):

@@ -254,7 +254,7 @@ async def test_data_beyond_the_stream_window_is_a_flow_control_error(
         await assert_still_serving(sut, pki)
 
 
-async def test_data_on_a_stream_never_opened_is_refused_alone(
+async def test_data_on_a_stream_never_opened_is_a_connection_error(
     pki: Pki, recorder: Upstream, tmp_path: Path
 ) -> None:
     async with running_server(pki.issue("ns1", "server"), Calls(recorder)) as sut:
