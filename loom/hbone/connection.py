@@ -704,23 +704,36 @@ class FastDataH2Connection(h2.connection.H2Connection):
     machinery (a debug repr of every frame, two state machines, event construction through them):
     on an open stream, unpadded, without END_STREAM, for a stream without a declared content length
     (CONNECT streams have none). h2's connection and stream windows are charged exactly as its own
-    path charges them (a frame beyond either window still raises FlowControlError), and the event
-    delivered is h2's DataReceived. Anything else goes through h2 unchanged."""
+    path charges them, and the event delivered is h2's DataReceived. Anything else, a frame beyond
+    either window included, goes through h2 unchanged (which raises its FlowControlError)."""
+
+    def take_plain_data(self, stream_id: int, size: int) -> bool:
+        """Charge h2's windows for a DATA frame without flags of `size` payload bytes, as h2 itself
+        would, when it is the plain case (open stream without a content length, open connection, a
+        frame size h2 takes, room in both windows); False, with nothing charged, for anything else,
+        which h2's own path must handle (and refuse, if it is an error)."""
+        stream = self.streams.get(stream_id)
+        connection_window = self._inbound_flow_control_window_manager
+        if (
+            stream is None
+            or stream.state_machine.state not in _RECEIVING_STREAM_STATES
+            or stream._expected_content_length is not None
+            or self.state_machine.state not in _OPEN_CONNECTION_STATES
+            or size > self.max_inbound_frame_size  # before our SETTINGS are acknowledged: 16 KiB
+            or size > connection_window.current_window_size
+            or size > stream._inbound_window_manager.current_window_size
+        ):
+            return False
+        connection_window.window_consumed(size)
+        stream._inbound_window_manager.window_consumed(size)
+        stream._actual_content_length += size
+        return True
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
         if frame.__class__ is DataFrame and not frame.flags:
-            stream = self.streams.get(frame.stream_id)
-            if (
-                stream is not None
-                and stream.state_machine.state in _RECEIVING_STREAM_STATES
-                and stream._expected_content_length is None
-                and self.state_machine.state in _OPEN_CONNECTION_STATES
-            ):
-                data = frame.data
-                size = len(data)
-                self._inbound_flow_control_window_manager.window_consumed(size)
-                stream._inbound_window_manager.window_consumed(size)
-                stream._actual_content_length += size
+            data = frame.data
+            size = len(data)
+            if self.take_plain_data(frame.stream_id, size):
                 return [
                     h2.events.DataReceived(stream_id=frame.stream_id, data=data, flow_controlled_length=size)
                 ]
@@ -781,11 +794,11 @@ class H2Endpoint(asyncio.Protocol):
         self.setup_error: BaseException | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
 
-    def _make_h2(self) -> h2.connection.H2Connection:
+    def _make_h2(self) -> FastDataH2Connection:
         config = h2.config.H2Configuration(client_side=not self.server_side, header_encoding=None)
         return FastDataH2Connection(config)
 
-    def _install_h2(self) -> h2.connection.H2Connection:
+    def _install_h2(self) -> FastDataH2Connection:
         h2conn = self._make_h2()
         h2conn.incoming_buffer = FrameReader(server=self.server_side)
         return h2conn
@@ -970,33 +983,17 @@ class H2Endpoint(asyncio.Protocol):
 
     def _receive_whole_data(self, stream_id: int, frame: memoryview) -> None:
         """A DATA frame without flags that arrived whole (the scanner cut it out; h2's frame buffer
-        is empty). On an open stream with room in both windows it is what FastDataH2Connection
-        would make of it, without the frame and event objects: h2's windows are charged the same,
-        the payload copied once and delivered. Anything else (a stream h2 does not know or has
-        closed, a frame larger than h2 takes yet, a window the frame overruns, a connection that is
-        closing) is h2's to handle, and so is its error."""
+        is empty). In the plain case (FastDataH2Connection.take_plain_data) it is delivered without
+        frame and event objects, the payload copied once; anything else is h2's to handle, and so is
+        its error."""
         if self.closing:
             raise ConnectionAbandoned
-        h2conn = self.h2
         size = len(frame) - FRAME_HEADER_SIZE
-        stream = h2conn.streams.get(stream_id)
-        connection_window = h2conn._inbound_flow_control_window_manager
-        if (
-            stream is None
-            or stream.state_machine.state not in _RECEIVING_STREAM_STATES
-            or stream._expected_content_length is not None
-            or h2conn.state_machine.state not in _OPEN_CONNECTION_STATES
-            or size > h2conn.max_inbound_frame_size  # before our SETTINGS are acknowledged: 16 KiB
-            or size > connection_window.current_window_size
-            or size > stream._inbound_window_manager.current_window_size
-        ):
-            events = h2conn.receive_data(frame)
+        if not self.h2.take_plain_data(stream_id, size):
+            events = self.h2.receive_data(frame)
             if events:
                 self._dispatch(events)
             return
-        connection_window.window_consumed(size)
-        stream._inbound_window_manager.window_consumed(size)
-        stream._actual_content_length += size
         channel = self.channels.get(stream_id)
         if channel is None:
             self.ack(stream_id, size)  # a stream we already finished (frames in flight)

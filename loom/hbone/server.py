@@ -263,7 +263,7 @@ class ServerConnection(H2Endpoint):
         self.tunnels: dict[int, ServerTunnel] = {}
         self.draining = False
 
-    def _make_h2(self) -> h2.connection.H2Connection:
+    def _make_h2(self) -> FastDataH2Connection:
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
