@@ -93,7 +93,9 @@ COALESCE_RECORD = 64 * 1024
 _DATA_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type 0 (DATA), flags, stream id
 _SENDABLE_STREAM_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _RECEIVING_STREAM_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
-_OPEN_CONNECTION_STATES = frozenset({ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN})
+# A tuple: `in` finds a member by identity first, where a set would hash it, and ConnectionState is
+# a plain Enum whose __hash__ is a Python function (checked for every DATA frame sent and received).
+_OPEN_CONNECTION_STATES = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 
 
 def bounded_data_frame_repr(frame: DataFrame) -> str:

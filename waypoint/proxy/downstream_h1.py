@@ -544,10 +544,16 @@ class Http1Session:
                 await self._write(chunk(response.content) if chunked else response.content)
                 self._body_sent = len(response.content)
             return
+        if response.deadline is None:  # no route timeout: no timer to arm and cancel per response
+            await self._copy_body(response.body, chunked)
+            return
         async with Deadline(self.loop, response.deadline):
-            while data := await response.body.read():
-                await self._write(chunk(data) if chunked else data)
-                self._body_sent += len(data)
+            await self._copy_body(response.body, chunked)
+
+    async def _copy_body(self, body: BodyPipe, chunked: bool) -> None:
+        while data := await body.read():
+            await self._write(chunk(data) if chunked else data)
+            self._body_sent += len(data)
 
     async def _switch(self, response: ProxyResponse, upgraded: UpgradedStream) -> bool:
         headers = [(n, v) for n, v in response.head.headers if valid_name(n) and valid_value(v)]

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 
 from waypoint.model import HeaderEdits
 from waypoint.proxy.message import HTTP2, Headers, RequestHead
-from waypoint.telemetry import ensure_request_id, propagate_trace
+from waypoint.telemetry import REQUEST_ID, TRACEPARENT, TRACESTATE, request_id_for, traceparent_for
 
 # RFC 9110 §7.6.1 and the proxy-specific ones every proxy drops; `te` is kept separately when it is
 # "trailers" (gRPC needs it on HTTP/2).
@@ -48,6 +48,7 @@ HOP_BY_HOP = frozenset(
 FORGEABLE_IDENTITY_HEADERS = frozenset({"x-forwarded-client-cert"})
 # Headers a route edit may never touch: they frame the message or are the proxy's own business.
 PROTECTED = HOP_BY_HOP | {"content-length", "host"}
+_FORWARDED_PROTO = "x-forwarded-proto"
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 _LOWER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
@@ -108,25 +109,65 @@ def apply_edits(headers: Sequence[tuple[str, str]], edits: HeaderEdits) -> Heade
     return [(n, v) for n, v in result if n not in removed]
 
 
-def set_header(headers: Headers, name: str, value: str) -> None:
-    """Replace every `name` with one `value` (in place)."""
-    headers[:] = [(n, v) for n, v in headers if n != name]
-    headers.append((name, value))
+# The headers prepare_request_headers rewrites; every other header passes with one set lookup.
+_PREPARED = FORGEABLE_IDENTITY_HEADERS | {REQUEST_ID, TRACEPARENT, TRACESTATE, _FORWARDED_PROTO}
 
 
 def prepare_request_headers(headers: Headers) -> None:
     """In place: x-request-id when missing or malformed (generated) and traceparent with this hop's
-    span id (a new trace when missing or malformed), see waypoint.telemetry; x-forwarded-proto: the hop
-    from the client's ztunnel is always plaintext inside mTLS, so anything but an http/https value set
-    by an earlier proxy is replaced by "http"; and identity headers a client could forge
-    (x-forwarded-client-cert) removed: the only identity the waypoint vouches for is the one mTLS
-    proved, which backends learn from HBONE, never from a header."""
-    headers[:] = [(n, v) for n, v in headers if n not in FORGEABLE_IDENTITY_HEADERS]
-    with_id, _ = ensure_request_id(headers)
-    headers[:] = propagate_trace(with_id)  # this hop's span under the client's trace, or a new trace
-    proto = next((v for n, v in headers if n == "x-forwarded-proto"), None)
+    span id (a new trace when missing or malformed), see waypoint.telemetry's `request_id_for` and
+    `traceparent_for` (each takes the place of the client's first, duplicates removed; appended when
+    the client sent none); x-forwarded-proto: the hop from the client's ztunnel is always plaintext
+    inside mTLS, so anything but an http/https value set by an earlier proxy is replaced by "http"
+    (appended last); and identity headers a client could forge (x-forwarded-client-cert) removed: the
+    only identity the waypoint vouches for is the one mTLS proved, which backends learn from HBONE,
+    never from a header.
+
+    One pass over the headers (most requests carry none of these): this runs on every request."""
+    kept: Headers = []
+    id_at = trace_at = -1
+    client_id: str | None = None
+    parents: list[str] = []
+    has_tracestate = False
+    proto: str | None = None
+    for item in headers:
+        name = item[0]
+        if name not in _PREPARED:
+            kept.append(item)
+        elif name == REQUEST_ID:
+            if id_at < 0:
+                id_at, client_id = len(kept), item[1]
+                kept.append(item)  # its place, filled in below
+        elif name == TRACEPARENT:
+            parents.append(item[1])
+            if trace_at < 0:
+                trace_at = len(kept)
+                kept.append(item)
+        elif name == TRACESTATE:
+            has_tracestate = True
+            kept.append(item)
+        elif name == _FORWARDED_PROTO:
+            if proto is None:
+                proto = item[1]
+            kept.append(item)
+        # else: a forgeable identity header, dropped
+    entry = (REQUEST_ID, request_id_for(client_id))  # drawn before the trace ids, as always
+    if id_at < 0:
+        kept.append(entry)
+    else:
+        kept[id_at] = entry
+    traceparent, continued = traceparent_for(parents)
+    if trace_at < 0:
+        kept.append((TRACEPARENT, traceparent))
+    else:
+        kept[trace_at] = (TRACEPARENT, traceparent)
+    if has_tracestate and not continued:
+        kept = [item for item in kept if item[0] != TRACESTATE]
     if proto not in ("http", "https"):
-        set_header(headers, "x-forwarded-proto", "http")
+        if proto is not None:
+            kept = [item for item in kept if item[0] != _FORWARDED_PROTO]
+        kept.append((_FORWARDED_PROTO, "http"))
+    headers[:] = kept
 
 
 def join_cookies(headers: Iterable[tuple[str, str]]) -> Headers:

@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from loom.hbone import ConnectionPool, HboneError, Tunnel
 from loom.hbone.headers import format_address
@@ -83,8 +84,9 @@ class TunnelOpener:
             ) from e
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointKey:
+class EndpointKey(NamedTuple):
+    """A pool's key (a tuple: it is made and hashed for every request)."""
+
     ip: str
     port: int
     identity: Identity
@@ -131,7 +133,9 @@ class UpstreamPools:
         if self._closed:
             raise UpstreamConnectFailure("the waypoint is shutting down")
         key = EndpointKey(endpoint.ip, endpoint.port, endpoint.identity, protocol)
-        entry = self._entries.setdefault(key, _Entry())
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry()
         if protocol == HTTP2:
             h2conn = await self._h2_connection(key, entry, endpoint)
             return await h2conn.exchange(head, body)

@@ -3,6 +3,8 @@ and the headers the waypoint adds."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +22,7 @@ from waypoint.proxy.headers import (
     validate_trailers,
 )
 from waypoint.proxy.message import RequestHead
+from waypoint.telemetry import ensure_request_id, propagate_trace
 
 BASE = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"web:80"), (b":path", b"/a?b=1")]
 
@@ -155,6 +158,50 @@ def test_prepare_request_headers() -> None:
     invalid = [("x-request-id", "bad id\t"), ("traceparent", "00-zz")]
     prepare_request_headers(invalid)
     assert dict(invalid)["x-request-id"] != "bad id\t" and dict(invalid)["traceparent"] != "00-zz"
+
+
+def composed_preparation(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What prepare_request_headers does, as the composition of the pure rules it is made of: drop
+    forgeable identity headers, ensure_request_id, propagate_trace, then the x-forwarded-proto rule."""
+    step = [(n, v) for n, v in headers if n != "x-forwarded-client-cert"]
+    with_id, _ = ensure_request_id(step)
+    result = list(propagate_trace(with_id))
+    proto = next((v for n, v in result if n == "x-forwarded-proto"), None)
+    if proto not in ("http", "https"):
+        result = [(n, v) for n, v in result if n != "x-forwarded-proto"] + [("x-forwarded-proto", "http")]
+    return result
+
+
+_TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+_HEADER_CHOICES = st.sampled_from(
+    [
+        ("x-request-id", "abc-1"),
+        ("x-request-id", " spaced "),
+        ("x-request-id", "bad id"),
+        ("traceparent", _TRACE),
+        ("traceparent", "00-zz"),
+        ("tracestate", "a=b"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-proto", "gopher"),
+        ("x-forwarded-client-cert", "By=forged"),
+        ("host", "web"),
+        ("x-other", "1"),
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_HEADER_CHOICES, max_size=8), st.integers(min_value=0, max_value=2**32))
+def test_prepare_request_headers_is_the_composition_of_its_rules(
+    headers: list[tuple[str, str]], seed: int
+) -> None:
+    # Both draw their ids from the random module in the same order (request id, span, trace).
+    random.seed(seed)
+    expected = composed_preparation(headers)
+    random.seed(seed)
+    prepared = list(headers)
+    prepare_request_headers(prepared)
+    assert prepared == expected
 
 
 def test_join_cookies() -> None:
