@@ -623,8 +623,9 @@ class AccessLogEntry:
                 if name == "x-forwarded-for":
                     forwarded_for.append(value)
                 elif name == "user-agent":
-                    user_agent = value if user_agent is None else user_agent
-                elif header_request_id is None:
+                    if user_agent is None:
+                        user_agent = value
+                elif header_request_id is None:  # x-request-id
                     header_request_id = value
         if request_id is None:
             request_id = header_request_id

@@ -100,6 +100,27 @@ def test_entry_for_a_request_through_the_waypoint() -> None:
     )
 
 
+def test_entry_takes_the_first_of_repeated_headers_and_an_explicit_request_id() -> None:
+    view = request(
+        headers=(
+            ("x-request-id", "first-id"),
+            ("user-agent", "first-agent"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("user-agent", "second-agent"),
+            ("x-request-id", "second-id"),
+            ("x-forwarded-for", "10.0.0.2"),
+        )
+    )
+    entry = AccessLogEntry.for_request(view, T0, 200)
+    assert (entry.user_agent, entry.request_id, entry.x_forwarded_for) == (
+        "first-agent",
+        "first-id",
+        "10.0.0.1,10.0.0.2",
+    )
+    assert AccessLogEntry.for_request(view, T0, 200, request_id="generated").request_id == "generated"
+    assert AccessLogEntry.for_request(request(), T0, 200).request_id == ""
+
+
 def test_entry_for_a_denied_request() -> None:
     entry = AccessLogEntry.for_request(
         request(method="DELETE", path="/admin"),
