@@ -75,12 +75,6 @@ class RequestView:
     service: ServiceRef  # the Service the client addressed
     destination_ip: str = ""  # the VIP or workload IP from the CONNECT
 
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k == name), None)
-
-    def header_values(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name]
-
 
 @dataclass(frozen=True, slots=True)
 class AuthzDecision:

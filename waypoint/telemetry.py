@@ -32,13 +32,13 @@ sanitized so that one request is always one line that splits the same way: contr
 (as Envoy does for response code details). `AccessLog` writes lines to a stream and never lets a
 failing sink fail a request.
 
-Trace headers. `ensure_request_id` keeps a usable ``x-request-id`` and otherwise generates a UUID4;
-`propagate_trace` implements a W3C Trace Context intermediary: a valid ``traceparent`` keeps its trace
+Trace headers. `request_id_for` keeps a usable ``x-request-id`` and otherwise generates a UUID4;
+`traceparent_for` implements a W3C Trace Context intermediary: a valid ``traceparent`` keeps its trace
 id and flags and gets a new span (parent) id, as a proxy creating its own span does; a missing or
 invalid one (wrong shape, upper-case hex, all-zero ids, version ff, present twice) starts a new trace
-(version 00, sampled). ``tracestate`` is kept with a valid parent and dropped with a restarted trace,
-since the spec ties it to the traceparent it came with. Both are pure functions of the headers and an
-injectable random source.
+(version 00, sampled), and its ``tracestate`` must be dropped, since the spec ties it to the
+traceparent it came with. Both are pure functions of the client's values and an injectable random
+source; `waypoint.proxy.headers.prepare_request_headers` puts their results in the request.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ class WorkloadInfo:
             self.version,
             self.cluster,
         )
-        object.__setattr__(self, "_labels", tuple(value or UNKNOWN for value in labels))
+        object.__setattr__(self, "_labels", tuple(map(_or_unknown, labels)))
 
     @classmethod
     def from_workload(cls, workload: workload_pb2.Workload, identity: Identity | None = None) -> Self:
@@ -611,7 +611,7 @@ class AccessLogEntry:
     ) -> AccessLogEntry:
         """An entry with the request's own fields filled in from `request` (headers, path, addresses)
         and the outcome from the arguments. `service` is the Service used (default: the addressed one);
-        `request_id` overrides the x-request-id header (e.g. one `ensure_request_id` generated)."""
+        `request_id` overrides the x-request-id header (e.g. one `request_id_for` generated)."""
         target = service if service is not None else request.service
         path = request.path + (f"?{request.query}" if request.query else "")
         local = format_address(request.destination_ip, request.service.port) if request.destination_ip else ""
@@ -799,7 +799,6 @@ class AccessLog:
 # ---------------------------------------------------------------------------------------------------
 # Trace headers
 
-Headers = tuple[tuple[str, str], ...]
 REQUEST_ID = "x-request-id"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -821,13 +820,13 @@ def uuid4_text(bits: int) -> str:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-def _new_request_id() -> str:
+def new_request_id() -> str:
     # Request and trace ids identify, they protect nothing: the random module's generator (seeded
     # from the OS, reseeded after fork) instead of a getrandom() system call per id.
     return uuid4_text(random.getrandbits(128))
 
 
-def request_id_for(client_value: str | None, new_id: Callable[[], str] = _new_request_id) -> str:
+def request_id_for(client_value: str | None, new_id: Callable[[], str] = new_request_id) -> str:
     """The x-request-id to forward: the client's first one when usable (1-256 printable ASCII
     characters, no spaces, surrounding whitespace ignored), otherwise a new UUID4."""
     if client_value is not None:
@@ -835,30 +834,6 @@ def request_id_for(client_value: str | None, new_id: Callable[[], str] = _new_re
         if _REQUEST_ID.match(candidate):
             return candidate
     return new_id()
-
-
-def ensure_request_id(
-    headers: Sequence[tuple[str, str]], new_id: Callable[[], str] = _new_request_id
-) -> tuple[Headers, str]:
-    """(headers, request id): the first x-request-id kept when usable (`request_id_for`), every other
-    x-request-id removed, so the backend and the log agree on one id; otherwise a new UUID4 is put in
-    place of the first (or appended)."""
-    first: str | None = None
-    position: int | None = None
-    kept: list[tuple[str, str]] = []
-    for name, value in headers:
-        if name.lower() == REQUEST_ID:
-            if position is None:
-                position, first = len(kept), value
-            continue
-        kept.append((name, value))
-    request_id = request_id_for(first, new_id)
-    entry = (REQUEST_ID, request_id)
-    if position is None:
-        kept.append(entry)
-    else:
-        kept.insert(position, entry)
-    return tuple(kept), request_id
 
 
 def format_traceparent(trace_id: str, parent_id: str, flags: int, version: int = 0) -> str:
@@ -918,32 +893,6 @@ def traceparent_for(
     return format_traceparent(parent.trace_id, span_id, flags), True
 
 
-def propagate_trace(
-    headers: Sequence[tuple[str, str]], random_bytes: Callable[[int], bytes] = random.randbytes
-) -> Headers:
-    """The headers to forward with this hop's traceparent (`traceparent_for`) in the place of the
-    client's (or appended), any other traceparent removed, and tracestate kept only when the client's
-    trace continues."""
-    value, continued = traceparent_for(
-        [value for name, value in headers if name.lower() == TRACEPARENT], random_bytes
-    )
-    result: list[tuple[str, str]] = []
-    placed = False
-    for name, header_value in headers:
-        lowered = name.lower()
-        if lowered == TRACEPARENT:
-            if not placed:
-                result.append((TRACEPARENT, value))
-                placed = True
-            continue
-        if lowered == TRACESTATE and not continued:
-            continue
-        result.append((name, header_value))
-    if not placed:
-        result.append((TRACEPARENT, value))
-    return tuple(result)
-
-
 __all__ = [
     "DEFAULT_BUCKETS",
     "DESTINATION_LABELS",
@@ -954,19 +903,17 @@ __all__ = [
     "AccessLog",
     "AccessLogEntry",
     "DestinationInfo",
-    "Headers",
     "RefusalReason",
     "ResponseFlag",
     "SourceInfo",
     "TraceParent",
     "WaypointMetrics",
     "WorkloadInfo",
-    "ensure_request_id",
     "format_access_log",
     "format_start_time",
     "grpc_status_label",
+    "new_request_id",
     "parse_traceparent",
-    "propagate_trace",
     "request_id_for",
     "request_labels",
     "response_code_label",

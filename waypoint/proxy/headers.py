@@ -23,12 +23,20 @@ request line, header or a smuggled framing header on an HTTP/1.1 backend survive
 
 from __future__ import annotations
 
+import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from waypoint.model import HeaderEdits
 from waypoint.proxy.message import HTTP2, Headers, RequestHead
-from waypoint.telemetry import REQUEST_ID, TRACEPARENT, TRACESTATE, request_id_for, traceparent_for
+from waypoint.telemetry import (
+    REQUEST_ID,
+    TRACEPARENT,
+    TRACESTATE,
+    new_request_id,
+    request_id_for,
+    traceparent_for,
+)
 
 # RFC 9110 §7.6.1 and the proxy-specific ones every proxy drops; `te` is kept separately when it is
 # "trailers" (gRPC needs it on HTTP/2).
@@ -113,7 +121,12 @@ def apply_edits(headers: Sequence[tuple[str, str]], edits: HeaderEdits) -> Heade
 _PREPARED = FORGEABLE_IDENTITY_HEADERS | {REQUEST_ID, TRACEPARENT, TRACESTATE, _FORWARDED_PROTO}
 
 
-def prepare_request_headers(headers: Headers) -> None:
+def prepare_request_headers(
+    headers: Headers,
+    *,
+    new_id: Callable[[], str] = new_request_id,
+    random_bytes: Callable[[int], bytes] = random.randbytes,
+) -> None:
     """In place: x-request-id when missing or malformed (generated) and traceparent with this hop's
     span id (a new trace when missing or malformed), see waypoint.telemetry's `request_id_for` and
     `traceparent_for` (each takes the place of the client's first, duplicates removed; appended when
@@ -123,7 +136,8 @@ def prepare_request_headers(headers: Headers) -> None:
     only identity the waypoint vouches for is the one mTLS proved, which backends learn from HBONE,
     never from a header.
 
-    One pass over the headers (most requests carry none of these): this runs on every request."""
+    One pass over the headers (most requests carry none of these): this runs on every request.
+    `new_id` and `random_bytes` are the sources of new request ids and trace/span ids."""
     kept: Headers = []
     id_at = trace_at = -1
     client_id: str | None = None
@@ -151,12 +165,12 @@ def prepare_request_headers(headers: Headers) -> None:
                 proto = item[1]
             kept.append(item)
         # else: a forgeable identity header, dropped
-    entry = (REQUEST_ID, request_id_for(client_id))  # drawn before the trace ids, as always
+    entry = (REQUEST_ID, request_id_for(client_id, new_id))
     if id_at < 0:
         kept.append(entry)
     else:
         kept[id_at] = entry
-    traceparent, continued = traceparent_for(parents)
+    traceparent, continued = traceparent_for(parents, random_bytes)
     if trace_at < 0:
         kept.append((TRACEPARENT, traceparent))
     else:

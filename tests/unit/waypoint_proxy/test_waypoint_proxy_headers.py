@@ -22,7 +22,7 @@ from waypoint.proxy.headers import (
     validate_trailers,
 )
 from waypoint.proxy.message import RequestHead
-from waypoint.telemetry import ensure_request_id, propagate_trace
+from waypoint.telemetry import request_id_for, traceparent_for
 
 BASE = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"web:80"), (b":path", b"/a?b=1")]
 
@@ -160,16 +160,27 @@ def test_prepare_request_headers() -> None:
     assert dict(invalid)["x-request-id"] != "bad id\t" and dict(invalid)["traceparent"] != "00-zz"
 
 
-def composed_preparation(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """What prepare_request_headers does, as the composition of the pure rules it is made of: drop
-    forgeable identity headers, ensure_request_id, propagate_trace, then the x-forwarded-proto rule."""
+def rule_by_rule(
+    headers: list[tuple[str, str]], request_id: str, traceparent: str, continued: bool
+) -> list[tuple[str, str]]:
+    """What prepare_request_headers must do, one rule at a time (the test's oracle), given the ids
+    request_id_for and traceparent_for chose: drop forgeable identity headers; the request id in the
+    place of the client's first x-request-id (others dropped) or appended; this hop's traceparent in
+    the place of the client's first (others dropped) or appended, tracestate kept only when the trace
+    continues; x-forwarded-proto kept when its first value is http or https, else replaced at the end."""
     step = [(n, v) for n, v in headers if n != "x-forwarded-client-cert"]
-    with_id, _ = ensure_request_id(step)
-    result = list(propagate_trace(with_id))
-    proto = next((v for n, v in result if n == "x-forwarded-proto"), None)
+    for name, value in (("x-request-id", request_id), ("traceparent", traceparent)):
+        places = [i for i, (n, _) in enumerate(step) if n == name]
+        if places:
+            step = [(name, value) if i == places[0] else h for i, h in enumerate(step) if i not in places[1:]]
+        else:
+            step.append((name, value))
+    if not continued:
+        step = [(n, v) for n, v in step if n != "tracestate"]
+    proto = next((v for n, v in step if n == "x-forwarded-proto"), None)
     if proto not in ("http", "https"):
-        result = [(n, v) for n, v in result if n != "x-forwarded-proto"] + [("x-forwarded-proto", "http")]
-    return result
+        step = [(n, v) for n, v in step if n != "x-forwarded-proto"] + [("x-forwarded-proto", "http")]
+    return step
 
 
 _TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -192,16 +203,14 @@ _HEADER_CHOICES = st.sampled_from(
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_HEADER_CHOICES, max_size=8), st.integers(min_value=0, max_value=2**32))
-def test_prepare_request_headers_is_the_composition_of_its_rules(
-    headers: list[tuple[str, str]], seed: int
-) -> None:
-    # Both draw their ids from the random module in the same order (request id, span, trace).
-    random.seed(seed)
-    expected = composed_preparation(headers)
-    random.seed(seed)
+def test_prepare_request_headers_applies_each_rule(headers: list[tuple[str, str]], seed: int) -> None:
     prepared = list(headers)
-    prepare_request_headers(prepared)
-    assert prepared == expected
+    prepare_request_headers(prepared, new_id=lambda: "generated", random_bytes=random.Random(seed).randbytes)
+    client_id = next((v for n, v in headers if n == "x-request-id"), None)
+    parents = [v for n, v in headers if n == "traceparent"]
+    traceparent, continued = traceparent_for(parents, random.Random(seed).randbytes)
+    request_id = request_id_for(client_id, lambda: "generated")
+    assert prepared == rule_by_rule(headers, request_id, traceparent, continued)
 
 
 def test_join_cookies() -> None:
