@@ -723,6 +723,44 @@ def format_access_log(entry: AccessLogEntry) -> str:
     "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW%
     %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS%
     %REQUESTED_SERVER_NAME% %ROUTE_NAME%``"""
+    e = entry
+    # The usual line has nothing to escape: one check over all the quoted values and one over all
+    # the bare ones (isprintable() is False for every control character, and for every whitespace
+    # character but the space), then only empty values become "-".
+    quoted = (
+        f"{e.method}{e.path}{e.protocol}{e.upstream_transport_failure_reason}{e.x_forwarded_for}"
+        f"{e.user_agent}{e.request_id}{e.authority}{e.upstream_host}"
+    )
+    bare = (
+        f"{e.response_flags}{e.response_code_details}{e.connection_termination_details}"
+        f"{e.upstream_cluster}{e.upstream_local_address}{e.downstream_local_address}"
+        f"{e.downstream_remote_address}{e.requested_server_name}{e.route_name}"
+    )
+    if not (
+        quoted.isprintable()
+        and '"' not in quoted
+        and "\\" not in quoted
+        and bare.isprintable()
+        and " " not in bare
+    ):
+        return _format_escaped(e)
+    duration = "-" if e.duration_ms is None else e.duration_ms
+    service_time = "-" if e.upstream_service_time_ms is None else e.upstream_service_time_ms
+    return (
+        f'[{format_start_time(e.start_time)}] "{e.method or "-"} {e.path or "-"} {e.protocol or "-"}" '
+        f"{e.response_code} {e.response_flags or '-'} {e.response_code_details or '-'} "
+        f'{e.connection_termination_details or "-"} "{e.upstream_transport_failure_reason or "-"}" '
+        f"{e.bytes_received} {e.bytes_sent} {duration} {service_time} "
+        f'"{e.x_forwarded_for or "-"}" "{e.user_agent or "-"}" "{e.request_id or "-"}" '
+        f'"{e.authority or "-"}" "{e.upstream_host or "-"}" {e.upstream_cluster or "-"} '
+        f"{e.upstream_local_address or '-'} {e.downstream_local_address or '-'} "
+        f"{e.downstream_remote_address or '-'} {e.requested_server_name or '-'} {e.route_name or '-'}"
+    )
+
+
+def _format_escaped(entry: AccessLogEntry) -> str:
+    """format_access_log value by value, escaping what needs it: quoted values get \\" \\\\ and \\xNN
+    for control characters, bare values get _ for whitespace runs and \\xNN for control characters."""
     method, path, protocol = _quoted(entry.method), _quoted(entry.path), _quoted(entry.protocol)
     request_line = f"{method[1:-1]} {path[1:-1]} {protocol[1:-1]}"
     return (

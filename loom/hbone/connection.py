@@ -93,6 +93,10 @@ COALESCE_RECORD = 64 * 1024
 _DATA_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type 0 (DATA), flags, stream id
 _SENDABLE_STREAM_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _RECEIVING_STREAM_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
+# h2's H2Stream.open: the states whose stream window acknowledge_received_data credits.
+_OPEN_STREAM_STATES = frozenset(
+    {StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE}
+)
 # A tuple: `in` finds a member by identity first, where a set would hash it, and ConnectionState is
 # a plain Enum whose __hash__ is a Python function (checked for every DATA frame sent and received).
 _OPEN_CONNECTION_STATES = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
@@ -565,12 +569,12 @@ class StreamChannel:
     """One CONNECT stream: a byte pipe in both directions over a shared HTTP/2 connection."""
 
     __slots__ = (
-        "_eof_queued",
         "_out",
         "_producer_paused",
         "can_send",
         "done",
         "endpoint",
+        "eof_queued",
         "error",
         "finished",
         "local_ended",
@@ -594,7 +598,7 @@ class StreamChannel:
         self.producer: Producer | None = None
         self._out: deque[bytes | memoryview] = deque()
         self.out_size = 0
-        self._eof_queued = False
+        self.eof_queued = False  # send_eof() was called (read-only outside this class)
         self._producer_paused = False
         self.can_send = False  # DATA may flow only once the response (200) is sent / received
         self.local_ended = False
@@ -612,7 +616,7 @@ class StreamChannel:
     # -- outbound
 
     def send(self, data: bytes | memoryview) -> None:
-        if self.finished or self._eof_queued or not data:
+        if self.finished or self.eof_queued or not data:
             return
         self._out.append(data)
         self.out_size += len(data)
@@ -623,14 +627,10 @@ class StreamChannel:
                 self.producer.pause_producing()
 
     def send_eof(self) -> None:
-        if self.finished or self._eof_queued:
+        if self.finished or self.eof_queued:
             return
-        self._eof_queued = True
+        self.eof_queued = True
         self.endpoint.pump_soon(self)
-
-    @property
-    def eof_queued(self) -> bool:
-        return self._eof_queued
 
     def take(self, size: int) -> bytes | memoryview:
         """The next DATA payload, at most `size` bytes: small writes queued together leave as one frame
@@ -726,9 +726,34 @@ class FastDataH2Connection(h2.connection.H2Connection):
             or size > stream._inbound_window_manager.current_window_size
         ):
             return False
-        connection_window.window_consumed(size)
-        stream._inbound_window_manager.window_consumed(size)
+        # WindowManager.window_consumed, whose below-zero check the conditions above make moot.
+        connection_window.current_window_size -= size
+        stream._inbound_window_manager.current_window_size -= size
         stream._actual_content_length += size
+        return True
+
+    def acknowledge_quietly(self, size: int, stream_id: int) -> bool:
+        """acknowledge_received_data(size, stream_id) for the usual case, an open stream where
+        neither window is due a WINDOW_UPDATE yet: the processed bytes are counted where h2 counts
+        them, and, as in h2, nothing is sent. An update is due (h2's WindowManager rule) once half a
+        window was processed, or sooner when the window is exhausted. False, with nothing counted,
+        when an update is due or the stream is not open: then h2's own method must do it."""
+        stream = self.streams.get(stream_id)
+        if stream is None or size <= 0 or stream.state_machine.state not in _OPEN_STREAM_STATES:
+            return False
+        connection_window = self._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        connection_processed = connection_window._bytes_processed + size
+        stream_processed = stream_window._bytes_processed + size
+        if (
+            connection_window.current_window_size == 0
+            or stream_window.current_window_size == 0
+            or connection_processed >= connection_window.max_window_size // 2
+            or stream_processed >= stream_window.max_window_size // 2
+        ):
+            return False
+        connection_window._bytes_processed = connection_processed
+        stream_window._bytes_processed = stream_processed
         return True
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
@@ -945,7 +970,8 @@ class H2Endpoint(asyncio.Protocol):
             return
         try:
             fn(*args)
-            self._schedule_flush()
+            if self._flush_handle is None:  # usually set already (fn queued data with pump_soon)
+                self._schedule_flush()
         except ConnectionAbandoned:
             return
         except Exception:
@@ -1091,7 +1117,8 @@ class H2Endpoint(asyncio.Protocol):
             self._finish(channel, HboneConnectionError(f"stream {stream_id} closed: {e}"))
             return
         if queued:
-            self._schedule_flush()
+            if self._flush_handle is None:  # set while _flush_soon pumps
+                self._schedule_flush()
             channel.drained()
         if channel.local_ended and channel.remote_ended:
             self._finish(channel, None)
@@ -1112,6 +1139,8 @@ class H2Endpoint(asyncio.Protocol):
         if flow_len <= 0 or self.closing:
             return
         h2conn = self.h2
+        if h2conn.acknowledge_quietly(flow_len, stream_id):
+            return  # counted; nothing to send
         try:
             h2conn.acknowledge_received_data(flow_len, stream_id)
         except (h2.exceptions.ProtocolError, ValueError):
@@ -1182,7 +1211,8 @@ class H2Endpoint(asyncio.Protocol):
         """Pump the channel in this loop turn's flush: what several writes queue in one turn leaves in
         as few DATA frames as the peer's windows allow."""
         self._pump_pending[channel.stream_id] = channel
-        self._schedule_flush()
+        if self._flush_handle is None:
+            self._schedule_flush()
 
     def _flush_soon(self) -> None:
         try:

@@ -35,7 +35,11 @@ GRPC_UNKNOWN = 2
 
 
 def is_grpc(headers: Sequence[tuple[str, str]]) -> bool:
-    return any(n == "content-type" and v.startswith("application/grpc") for n, v in headers)
+    # A loop, not any() over a generator (a frame resumed per header): this runs for every request.
+    for name, value in headers:  # noqa: SIM110
+        if name == "content-type" and value.startswith("application/grpc"):
+            return True
+    return False
 
 
 def build_view(
@@ -59,7 +63,7 @@ def build_view(
 def choose_backend(backends: Sequence[WeightedBackend], rng: random.Random) -> WeightedBackend | None:
     """A backend drawn with probability weight / total weight; None when no weight is positive."""
     live = [b for b in backends if b.weight > 0]
-    total = sum(b.weight for b in live)
+    total = sum([b.weight for b in live])
     if not live or total <= 0:
         return None
     point = rng.random() * total

@@ -136,7 +136,7 @@ def request_head_from_parsed(parsed: ParsedRequestHead) -> tuple[RequestHead, bo
 
 def response_head_bytes(status: int, headers: list[tuple[str, str]]) -> bytes:
     """Status line and fields (names and values already checked by valid_name / valid_value)."""
-    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
     return b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)) + lines.encode("latin-1") + b"\r\n"
 
 

@@ -12,11 +12,14 @@ import re
 import shlex
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from waypoint.model import Peer
 from waypoint.telemetry import (
     AccessLog,
     AccessLogEntry,
+    _format_escaped,
     format_access_log,
     format_start_time,
     upstream_cluster_name,
@@ -277,6 +280,28 @@ def test_field_fast_paths_agree_with_the_escaping_rules(value: str) -> None:
     fields = format_access_log(entry)
     assert expected_quoted in fields
     assert fields.endswith(" " + expected_bare)
+
+
+TEXT_FIELDS = [f.name for f in dataclasses.fields(AccessLogEntry) if f.type == "str"]
+# Characters each escaping rule treats specially, among ordinary ones.
+FIELD_TEXT = st.text(alphabet=st.sampled_from('ab/:. "\\\t\n\x00\x7f\u2003\u2028\u00e9-_'), max_size=6)
+
+
+@settings(max_examples=400)
+@given(values=st.fixed_dictionaries({name: FIELD_TEXT for name in TEXT_FIELDS}), numbers=st.booleans())
+def test_the_whole_line_check_agrees_with_escaping_value_by_value(
+    values: dict[str, str], numbers: bool
+) -> None:
+    """format_access_log checks all values at once and writes them as they are when none needs
+    escaping; the line is the one escaping value by value gives, whatever the values."""
+    entry = AccessLogEntry(
+        start_time=T0,
+        response_code=200,
+        duration_ms=7 if numbers else None,
+        upstream_service_time_ms=3 if numbers else None,
+        **values,
+    )
+    assert format_access_log(entry) == _format_escaped(entry)
 
 
 def test_start_time_is_right_across_seconds() -> None:
