@@ -89,6 +89,7 @@ step = st.one_of(
     st.tuples(st.just("send"), st.sampled_from(STREAMS), st.integers(1, 40_000)),
     st.tuples(st.just("ack"), st.sampled_from(STREAMS), st.floats(0.0, 1.0)),
     st.tuples(st.just("end"), st.sampled_from(STREAMS), st.just(0)),
+    st.tuples(st.just("answer"), st.sampled_from(STREAMS), st.just(0)),
 )
 
 
@@ -103,6 +104,7 @@ def test_shortcuts_match_h2(
 ) -> None:
     peers = connect(stream_window, connection_grow)
     ended: set[int] = set()
+    answered: set[int] = set()  # the servers' side ended too: acks on a closed stream after both
     for kind, stream_id, amount in steps:
         if kind == "send" and stream_id not in ended:
             room = min(
@@ -120,6 +122,10 @@ def test_shortcuts_match_h2(
             ended.add(stream_id)
             peers.client.end_stream(stream_id)
             peers.to_servers()
+        elif kind == "answer" and stream_id not in answered:
+            answered.add(stream_id)
+            for server in (peers.fast, peers.plain):
+                server.send_headers(stream_id, [(":status", "200")], end_stream=True)
         assert windows(peers.fast) == windows(peers.plain)
         peers.to_client()  # the WINDOW_UPDATE frames (if any) are the same bytes
 
