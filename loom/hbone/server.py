@@ -814,15 +814,25 @@ class HboneServer:
 IPV6_UNAVAILABLE: Final = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
 
 
-def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+def listening_socket(
+    host: str,
+    port: int,
+    backlog: int = 1024,
+    *,
+    prepare: Callable[[socket.socket], None] | None = None,
+) -> socket.socket:
     """A bound, listening, non-blocking TCP socket on host:port. An IPv6 one takes IPv6 only, so "::"
-    and "0.0.0.0" listen on the same port side by side and no peer address is ever IPv4-mapped."""
+    and "0.0.0.0" listen on the same port side by side and no peer address is ever IPv4-mapped.
+    `prepare` sets further options before the bind (the ztunnel's in-pod listeners: SO_REUSEPORT,
+    the mark, IP_TRANSPARENT); the socket is closed if anything fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if prepare is not None:
+            prepare(sock)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Final, TypeVar
 
 from cni.rules import INPOD_MARK
+from loom.hbone import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -305,38 +306,25 @@ class InpodNetns:
         for IPv6 only).
 
         SO_REUSEPORT lets a second ztunnel bind the same ports while the first drains (restarts)."""
-        family = _family_of(host)
+        _family_of(host)  # a clear error for anything but an IP address, before the thread hop
 
-        def make() -> socket.socket:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    # IPv6 only: IPv4 has its own listener, so addresses are never IPv4-mapped.
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if reuseport:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                _set_mark(sock, mark)
-                if transparent:
-                    level, option = (socket.SOL_IP, IP_TRANSPARENT)
-                    if family == socket.AF_INET6:
-                        level, option = (SOL_IPV6, IPV6_TRANSPARENT)
-                    try:
-                        sock.setsockopt(level, option, 1)
-                    except PermissionError:
-                        log.debug(
-                            "IP_TRANSPARENT refused on listener port %d; REDIRECT capture does not need it",
-                            port,
-                        )
-                sock.bind((host, port))
-                sock.listen(backlog)
-                sock.setblocking(False)
-                return sock
-            except BaseException:
-                sock.close()
-                raise
+        def prepare(sock: socket.socket) -> None:
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            _set_mark(sock, mark)
+            if transparent:
+                level, option = (socket.SOL_IP, IP_TRANSPARENT)
+                if sock.family == socket.AF_INET6:
+                    level, option = (SOL_IPV6, IPV6_TRANSPARENT)
+                try:
+                    sock.setsockopt(level, option, 1)
+                except PermissionError:
+                    log.debug(
+                        "IP_TRANSPARENT refused on listener port %d; REDIRECT capture does not need it",
+                        port,
+                    )
 
-        return await self.run(make)
+        return await self.run(lambda: listening_socket(host, port, backlog, prepare=prepare))
 
     async def socket_for(
         self, dst: tuple[str, int], *, src_ip: str | None = None, mark: int = INPOD_MARK
